@@ -1,0 +1,1 @@
+"""jwst-wiimatch: least-squares background matching for JWST."""
