@@ -182,7 +182,7 @@ def _contract_separable(arr, axis_powers, sub):
 
 
 # Pairs whose weights are stacked into one matrix product (world coordinates).
-PAIR_BATCH = 16
+PAIR_BATCH = 8
 
 
 class _Accumulator:
@@ -344,7 +344,9 @@ def accumulate(prob, frame, threads=None):
     nmom = int(np.prod([2 * d + 1 for d in prob.degree]))
     max_pix = min(BLOCK_PIXELS, max(4096, BLOCK_BYTES // (24 * n)))
     if not frame.separable:
-        max_pix = min(max_pix, max(1024, (1 << 20) // nmom))
+        # world frames also hold the block's monomials (nmom per pixel), the
+        # stacked pair weights (2 * PAIR_BATCH) and image2world's temporaries
+        max_pix = min(max_pix, max(1024, (1 << 21) // (nmom + 2 * PAIR_BATCH + 16)))
     bshape = block_shape(prob.shape, max_pix)
     starts = [range(0, n_ax, b) for n_ax, b in zip(prob.shape, bshape)]
     blocks = [tuple(slice(s, min(s + b, n_ax)) for s, b, n_ax in zip(st, bshape, prob.shape))
