@@ -128,3 +128,26 @@ def test_bounding_boxes_skip_far_images_but_keep_their_pairs():
     np.testing.assert_allclose(res.coef[:, 0], [-1, 1, -5, 5], atol=1e-12)
     assert sorted(map(sorted, res.components)) == [[0, 1], [2, 3]]
     assert res.pair_npix[0, 2] == 0 and res.pair_npix[0, 1] == 40 * 40
+
+
+def test_memory_is_bounded_by_blocks_not_by_images_times_grid():
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    n, shape = 12, (1024, 1024)
+    ims = [rng.normal(size=shape).astype(np.float32) for _ in range(n)]
+    sigs = [np.ones(shape, dtype=np.float32) for _ in range(n)]
+    masks = []
+    for _ in range(n):
+        m = np.zeros(shape, dtype=bool)
+        y0, x0 = rng.integers(0, 400, 2)
+        m[y0:y0 + 600, x0:x0 + 600] = True
+        masks.append(m)
+    one_grid_f64 = ims[0].size * 8  # 8 MB; n of them would be 96 MB
+    tracemalloc.start()
+    try:
+        match_backgrounds(ims, masks, sigs, degree=2, threads=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * one_grid_f64, f"peak {peak / 2**20:.1f} MB"
