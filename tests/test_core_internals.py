@@ -151,3 +151,15 @@ def test_memory_is_bounded_by_blocks_not_by_images_times_grid():
     finally:
         tracemalloc.stop()
     assert peak < 3 * one_grid_f64, f"peak {peak / 2**20:.1f} MB"
+
+
+def test_thread_count_from_environment(monkeypatch):
+    ims, masks, sigs = _problem(seed=7, n=3, shape=(30, 40))
+    ref = match_backgrounds(ims, masks, sigs, degree=1, threads=1)
+    monkeypatch.setenv("JWST_WIIMATCH_THREADS", "3")
+    assert acc_mod._n_threads() == 3
+    np.testing.assert_allclose(match_backgrounds(ims, masks, sigs, degree=1).coef, ref.coef,
+                               rtol=1e-12, atol=1e-14)
+    monkeypatch.setenv("JWST_WIIMATCH_THREADS", "many")
+    with pytest.raises(ValueError, match="JWST_WIIMATCH_THREADS"):
+        match_backgrounds(ims, masks, sigs, degree=1)

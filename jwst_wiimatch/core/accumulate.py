@@ -307,9 +307,14 @@ class _Accumulator:
 
 
 def _n_threads():
-    env = os.environ.get("JWST_WIIMATCH_THREADS")
+    env = os.environ.get("JWST_WIIMATCH_THREADS", "").strip()
     if env:
-        return max(1, int(env))
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(
+                f"JWST_WIIMATCH_THREADS must be a positive integer; got {env!r}."
+            ) from None
     return max(1, min(4, os.cpu_count() or 1))
 
 
