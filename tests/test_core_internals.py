@@ -163,3 +163,20 @@ def test_thread_count_from_environment(monkeypatch):
     monkeypatch.setenv("JWST_WIIMATCH_THREADS", "many")
     with pytest.raises(ValueError, match="JWST_WIIMATCH_THREADS"):
         match_backgrounds(ims, masks, sigs, degree=1)
+
+
+def test_memory_mapped_inputs_are_read_not_written(tmp_path):
+    ims, masks, sigs = _problem(seed=9, n=3, shape=(40, 50))
+    y, x = np.argwhere(masks[1])[0]
+    ims[1][y, x] = np.nan  # a non-finite valid pixel: excluded, never overwritten
+    paths, maps = [], []
+    for k, im in enumerate(ims):
+        p = tmp_path / f"im{k}.npy"
+        np.save(p, im)
+        paths.append(p)
+        maps.append(np.load(p, mmap_mode="r+"))
+    before = [p.read_bytes() for p in paths]
+    with pytest.warns(MatchWarning, match="NaN or infinite"):
+        res = match_backgrounds(maps, masks, sigs, degree=1)
+    assert [p.read_bytes() for p in paths] == before
+    assert np.all(np.isfinite(res.coef))

@@ -112,10 +112,9 @@ def _prepare_image(prob, l, box):
     but whose data or sigma is NaN or infinite.
     """
     sl = _slices(box)
-    src = prob.images[l][sl]
-    d = np.asarray(src, dtype=np.float64)
-    if d is src or not d.flags.writeable:
-        d = d.copy()
+    # always a copy: it is modified below, and the input may be a view of the
+    # caller's array or a memory map of their file
+    d = np.array(prob.images[l][sl], dtype=np.float64)
     m = prob.masks[l]
     if m is None:
         valid = np.ones(d.shape, dtype=bool)
