@@ -176,14 +176,29 @@ def write_asn(models, folder, name="asn.json"):
     return asn_path
 
 
-def relative_error(recovered, truths, frame_coords, masks):
-    """Max |(P_n - P_0) - (T_n - T_0)| over pixels valid in model n or 0."""
+def frame_of_grid(model, ref):
+    """(xi, eta[, dlam]) of every pixel of ``model`` about ``ref`` (vector formula)."""
+    shape = model.data.shape
+    pix = np.indices(shape, dtype=np.float64)[::-1]
+    world = model.meta.wcs(*pix, with_bounding_box=False)
+    xi, eta = standard_coords(world[0], world[1], ref[0], ref[1])
+    return [xi, eta] + ([world[2] - ref[2]] if len(shape) == 3 else [])
+
+
+def relative_error(recovered, truths, masks, stat="rms"):
+    """Error of recovered background differences.
+
+    ``recovered`` and ``truths`` are lists of background arrays on the grid.
+    Returns the largest, over models n, of the RMS (``stat='rms'``) or the
+    maximum (``stat='max'``) of ``|(P_n - P_0) - (T_n - T_0)|`` over pixels
+    valid in model n or model 0.
+    """
     worst = 0.0
-    t0 = poly_eval(truths[0], *frame_coords)
-    r0 = poly_eval(recovered[0], *frame_coords)
     for n in range(1, len(truths)):
-        dt = poly_eval(truths[n], *frame_coords) - t0
-        dr = poly_eval(recovered[n], *frame_coords) - r0
+        dt = truths[n] - truths[0]
+        dr = recovered[n] - recovered[0]
         sel = masks[n] | masks[0]
-        worst = max(worst, float(np.nanmax(np.abs(dt - dr)[sel])))
+        diff = np.abs(dt - dr)[sel]
+        val = np.sqrt(np.mean(diff ** 2)) if stat == "rms" else np.max(diff)
+        worst = max(worst, float(val))
     return worst
