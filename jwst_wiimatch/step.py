@@ -499,8 +499,8 @@ class _Matcher:
     def _log_summary(self, rows, degree, refpoint, frame):
         log.info("wiimatch: polynomial degree %s in %s, refpoint %s",
                  list(degree), frame, [round(v, 8) for v in refpoint])
-        head = f"{'model':<40s} {'npix':>10s} {'bkg@ref':>13s} {'rms before':>12s} {'rms after':>12s}  status"
+        head = f"{'model':<52s} {'npix':>10s} {'bkg@ref':>13s} {'rms before':>12s} {'rms after':>12s}  status"
         lines = [head, "-" * len(head)]
         for name, npix, b, r0, r1, status in rows:
-            lines.append(f"{name[:40]:<40s} {npix:>10d} {b:>13.6g} {r0:>12.5g} {r1:>12.5g}  {status}")
+            lines.append(f"{name[:52]:<52s} {npix:>10d} {b:>13.6g} {r0:>12.5g} {r1:>12.5g}  {status}")
         log.info("wiimatch summary:\n%s", "\n".join(lines))
