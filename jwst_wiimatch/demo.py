@@ -21,6 +21,8 @@ Usage::
     wiimatch-demo [FOLDER] [--n 6] [--degree 1] [--size 400] [--seed 7]
                   [--subtract] [--in-memory-false]
     python -m jwst_wiimatch.demo FOLDER
+    wiimatch-demo --engine-only     # the engine alone on numpy arrays
+                                    # (jwst_wiimatch.demo_engine)
 """
 
 import argparse
@@ -258,6 +260,11 @@ def compare(info, folder):
 
 def main(argv=None):
     """Console entry point of ``wiimatch-demo``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--engine-only" in argv:
+        from . import demo_engine
+
+        return demo_engine.main([a for a in argv if a != "--engine-only"])
     p = argparse.ArgumentParser(
         prog="wiimatch-demo",
         description="Write an example set of resampled exposures with known "
@@ -274,6 +281,9 @@ def main(argv=None):
                    help="also subtract the fitted backgrounds")
     p.add_argument("--in-memory-false", action="store_true",
                    help="run with --in_memory=false (models kept on disk)")
+    p.add_argument("--engine-only", action="store_true",
+                   help="instead, run the engine alone on numpy arrays "
+                        "(jwst_wiimatch.demo_engine; takes --nimages, --seed)")
     args = p.parse_args(argv)
 
     from stpipe import Step

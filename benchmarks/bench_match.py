@@ -1,0 +1,157 @@
+"""Benchmark: jwst_wiimatch.match_lsq against wiimatch 0.3.2 on the same inputs.
+
+Each measurement runs in a fresh subprocess which builds the inputs, resets
+its peak-RSS counter (Linux ``/proc/self/clear_refs``), runs one matcher and
+reports wall time, peak memory above the inputs, and the coefficients.
+
+Usage::
+
+    pip install ".[bench]"
+    python benchmarks/bench_match.py            # the full table (~4 minutes)
+    python benchmarks/bench_match.py --quick    # ours only, no reference
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.abspath(__file__)
+
+
+def make_inputs(nimages, size, seed=0, dims=2):
+    """Float32 images with plane+offset backgrounds, each valid on an offset square."""
+    rng = np.random.default_rng(seed)
+    shape = (size,) * dims
+    side = int(round(size * 0.4 ** (1 / dims)))
+    ind = np.indices(shape, dtype=np.float32)
+    images, masks, sigmas = [], [], []
+    for _ in range(nimages):
+        lo = rng.integers(0, size - side + 1, dims)
+        mask = np.zeros(shape, dtype=bool)
+        mask[tuple(slice(a, a + side) for a in lo)] = True
+        bkg = np.float32(rng.normal(10, 2))
+        for k in range(dims):
+            bkg = bkg + np.float32(rng.normal(0, 1e-3)) * ind[k]
+        sig = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        img = (bkg + sig * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        images.append(img)
+        masks.append(mask)
+        sigmas.append(sig)
+    return images, masks, sigmas
+
+
+def world(x, y):
+    """A mildly non-linear 'image to world' map (degrees, a TAN-like field)."""
+    ra = 150.0 + 3e-5 * x + 1e-11 * x * y
+    dec = 2.0 + 3e-5 * y - 1e-11 * x * x
+    return ra, dec
+
+
+def _mem_reset():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def worker(impl, degree, nimages, size, use_world, seed):
+    import gc
+
+    images, masks, sigmas = make_inputs(nimages, size, seed)
+    kwargs = {}
+    if use_world:
+        kwargs = dict(image2world=world)
+    if impl == "ours":
+        from jwst_wiimatch.match import match_lsq
+    else:
+        from wiimatch.match import match_lsq
+    gc.collect()
+    inputs_bytes = sum(a.nbytes for a in images + masks + sigmas)
+    _mem_reset()
+    base = _status("VmRSS")
+    t0 = time.perf_counter()
+    coef = match_lsq(images, masks, sigmas, degree=degree, solver="RLU", **kwargs)
+    dt = time.perf_counter() - t0
+    peak = _status("VmHWM")
+    print(json.dumps(dict(time=dt, extra_mb=(peak - base) / 2**20,
+                          inputs_mb=inputs_bytes / 2**20, coef=coef.tolist())))
+
+
+def run(impl, degree, nimages=10, size=2048, use_world=False, seed=0):
+    cmd = [sys.executable, HERE, "--worker", impl, str(degree), str(nimages), str(size),
+           str(int(use_world)), str(seed)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    res["coef"] = np.array(res["coef"])
+    return res
+
+
+def rel_diff(c1, c2):
+    return float(np.max(np.abs(c1 - c2)) / np.max(np.abs(c2)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="ours only, no reference runs")
+    p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        impl, deg, n, size, w, seed = args.worker
+        worker(impl, int(deg), int(n), int(size), bool(int(w)), int(seed))
+        return
+
+    import jwst_wiimatch
+
+    print(f"jwst_wiimatch {jwst_wiimatch.__version__}, numpy {np.__version__}, "
+          f"{os.cpu_count()} CPUs")
+    print("\nN=10 float32 images 2048x2048, masks = offset squares (40% of the grid), "
+          "float32 sigmas, RLU")
+    print(f"{'degree':>6} {'wiimatch s':>11} {'ours s':>8} {'speed-up':>9} "
+          f"{'ref MB':>7} {'ours MB':>8} {'max rel coef diff':>18}")
+    for deg in (0, 1, 2):
+        ours = run("ours", deg)
+        if args.quick:
+            print(f"{deg:>6} {'-':>11} {ours['time']:8.3f} {'-':>9} {'-':>7} "
+                  f"{ours['extra_mb']:8.1f}")
+            continue
+        ref = run("ref", deg)
+        print(f"{deg:>6} {ref['time']:11.2f} {ours['time']:8.3f} "
+              f"{ref['time'] / ours['time']:8.0f}x {ref['extra_mb']:7.0f} "
+              f"{ours['extra_mb']:8.1f} {rel_diff(ours['coef'], ref['coef']):18.2e}")
+    print("(MB: peak resident memory above the inputs, "
+          f"inputs {ours['inputs_mb']:.0f} MB)")
+
+    print("\nworld coordinates (image2world given) vs image coordinates, ours, N=10, 2048^2")
+    for deg in (1, 2):
+        img = run("ours", deg)
+        wld = run("ours", deg, use_world=True)
+        print(f"degree {deg}: image {img['time']:.3f} s, world {wld['time']:.3f} s, "
+              f"ratio {wld['time'] / img['time']:.2f}, world extra memory "
+              f"{wld['extra_mb']:.1f} MB")
+
+    print("\nscaling with N (ours, degree 1, 2048^2)")
+    for n in (10, 20, 40):
+        r = run("ours", 1, nimages=n)
+        print(f"N={n:3d}: {r['time']:.3f} s, extra memory {r['extra_mb']:.1f} MB")
+    print("\nscaling with grid size (ours, degree 1, N=10)")
+    for size in (512, 1024, 2048, 4096):
+        r = run("ours", 1, size=size)
+        print(f"{size}x{size}: {r['time']:.3f} s, extra memory {r['extra_mb']:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

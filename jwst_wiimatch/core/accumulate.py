@@ -1,0 +1,353 @@
+"""Accumulation of the per-pair moments that make up the normal equations.
+
+For every unordered pair of images ``(l, m)`` whose valid pixels overlap, the
+normal equations need only
+
+* ``S[r] = sum w * u**r`` for the ``prod(2 D_j + 1)`` exponents ``r <= 2 D``,
+* ``T[p] = sum w * u**p * (I_l - I_m)`` for the ``M`` exponents ``p <= D``,
+
+over the overlap, with ``w = 1 / (sigma_l**2 + sigma_m**2)`` (``u`` are the
+scaled coordinates of :mod:`.coords`). We also keep ``sum w (I_l - I_m)**2``
+and the pixel count, which give residual statistics without a second pass.
+
+The grid is processed block by block and, within a block, each image only over
+the bounding box of its valid pixels and each pair only over the intersection
+of the two boxes: temporaries are bounded by a block, pairs that do not
+overlap cost a box intersection, and sums of blocks are sums, so blocks may be
+processed in any order or in parallel.
+"""
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+__all__ = ["PairMoments", "accumulate"]
+
+# Pixels per block: bounds the temporaries (a few float64 arrays per image of
+# a block) while keeping per-block Python overhead negligible.
+BLOCK_PIXELS = 1 << 16
+# Bound on the bytes of per-image block arrays held at once (all images).
+BLOCK_BYTES = 48 << 20
+
+
+@dataclass
+class PairMoments:
+    """Sums over the overlap of each pair of images (keys ``(l, m)``, ``l < m``)."""
+
+    nimages: int
+    S: dict = field(default_factory=dict)
+    T: dict = field(default_factory=dict)
+    chi: dict = field(default_factory=dict)
+    npix: dict = field(default_factory=dict)
+    image_npix: np.ndarray = None
+    nonfinite: np.ndarray = None
+    bad_coords: int = 0
+
+    def add(self, other):
+        """Add the sums of ``other`` (another part of the grid) to these."""
+        for key, s in other.S.items():
+            if key in self.S:
+                self.S[key] += s
+                self.T[key] += other.T[key]
+                self.chi[key] += other.chi[key]
+                self.npix[key] += other.npix[key]
+            else:
+                self.S[key] = s
+                self.T[key] = other.T[key]
+                self.chi[key] = other.chi[key]
+                self.npix[key] = other.npix[key]
+        self.image_npix += other.image_npix
+        self.nonfinite += other.nonfinite
+        self.bad_coords += other.bad_coords
+
+
+def _valid_bbox(mask, shape):
+    """Bounding box (tuple of (start, stop)) of the nonzero pixels of ``mask``, or None."""
+    if mask is None:
+        return tuple((0, n) for n in shape)
+    nz = mask != 0
+    box = []
+    for k in range(nz.ndim):
+        others = tuple(i for i in range(nz.ndim) if i != k)
+        hit = np.flatnonzero(nz.any(axis=others)) if others else np.flatnonzero(nz)
+        if hit.size == 0:
+            return None
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def _intersect(a, b):
+    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
+    return None if any(lo >= hi for lo, hi in out) else out
+
+
+def _slices(box, origin=None):
+    if origin is None:
+        return tuple(slice(lo, hi) for lo, hi in box)
+    return tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, origin))
+
+
+def block_shape(shape, max_pixels):
+    """Split ``shape`` by halving its longest axes until a block holds <= ``max_pixels``."""
+    bs = list(shape)
+    while int(np.prod(bs)) > max_pixels:
+        k = int(np.argmax(bs))
+        if bs[k] == 1:
+            break
+        bs[k] = (bs[k] + 1) // 2
+    return tuple(bs)
+
+
+def _prepare_image(prob, l, box):
+    """Float64 data (0 where invalid), variance (inf where invalid) and validity of a box.
+
+    Also returns the number of pixels that the mask (and sigma > 0) marks valid
+    but whose data or sigma is NaN or infinite.
+    """
+    sl = _slices(box)
+    src = prob.images[l][sl]
+    d = np.asarray(src, dtype=np.float64)
+    if d is src or not d.flags.writeable:
+        d = d.copy()
+    m = prob.masks[l]
+    if m is None:
+        valid = np.ones(d.shape, dtype=bool)
+    else:
+        mb = m[sl]
+        valid = mb.astype(bool) if mb.dtype == bool else (mb != 0)
+    s = prob.sigmas[l]
+    if isinstance(s, float):
+        var = s * s
+        if not (s > 0 and np.isfinite(var) and var > 0):
+            return d, np.full(d.shape, np.inf), np.zeros(d.shape, dtype=bool), 0
+        good = np.isfinite(d)
+        var = np.full(d.shape, var)
+    else:
+        sb = s[sl]
+        keep = sb <= 0  # NaN sigma stays in, to be counted as non-finite below
+        np.logical_not(keep, out=keep)
+        valid &= keep
+        var = np.square(sb, dtype=np.float64)
+        good = np.isfinite(d + var)
+        good &= var > 0
+    nonfinite = 0
+    if not good.all():
+        bad = valid & ~good
+        nonfinite = int(np.count_nonzero(bad))
+        valid &= good
+    invalid = ~valid
+    np.copyto(var, np.inf, where=invalid)
+    np.copyto(d, 0.0, where=invalid)
+    return d, var, valid, nonfinite
+
+
+def _weights(img_l, img_m, out):
+    """Fill ``out[0]`` with ``w = 1 / (var_l + var_m)`` and ``out[1]`` with ``w (d_l - d_m)``.
+
+    ``img_l`` and ``img_m`` are ``(data, variance)`` boxes (variance is inf
+    where a pixel is not valid, so ``w`` is 0 there). Returns ``sum w (d_l - d_m)**2``.
+    """
+    (dl, vl), (dm, vm) = img_l, img_m
+    w, wd = out[0], out[1]
+    np.add(vl, vm, out=w)
+    np.reciprocal(w, out=w)
+    diff = dl - dm
+    np.multiply(w, diff, out=wd)
+    return float(np.vdot(wd, diff))
+
+
+def _powers(u, maxdeg):
+    """``u[..., None] ** arange(maxdeg + 1)`` computed by repeated products."""
+    out = np.empty(u.shape + (maxdeg + 1,))
+    out[..., 0] = 1.0
+    for k in range(1, maxdeg + 1):
+        out[..., k] = out[..., k - 1] * u
+    return out
+
+
+def _contract_separable(arr, axis_powers, sub):
+    """Moments of a stack of weight boxes for image (separable) coordinates.
+
+    ``arr`` has shape ``(B, s_0, ..., s_{n-1})`` (numpy order); the result
+    ``out[b, r_x, r_y, ...] = sum arr[b] * prod_j P_j[i_j, r_j]`` has its
+    exponent axes in ``(x, y, ...)`` order. ``sub`` are the box's slices.
+    """
+    nd = arr.ndim - 1
+    for k in range(nd - 1, -1, -1):
+        arr = np.tensordot(arr, axis_powers[nd - 1 - k][sub[k]], axes=([k + 1], [0]))
+    return arr
+
+
+# Pairs whose weights are stacked into one matrix product (world coordinates).
+PAIR_BATCH = 16
+
+
+class _Accumulator:
+    def __init__(self, prob, frame, bboxes):
+        self.prob = prob
+        self.frame = frame
+        self.bboxes = bboxes
+        self.n = len(prob.images)
+        self.deg = prob.degree
+        self.mdeg = tuple(2 * d for d in self.deg)
+        self.dsl = tuple(slice(0, d + 1) for d in self.deg)
+        if frame.separable:
+            self.axis_powers = [_powers(frame.axis_u(j), self.mdeg[j])
+                                for j in range(frame.ndim)]
+
+    def _world_monomials(self, bslices, block_box):
+        """Monomials u**r (r <= 2D) of the block, shape block + (2D_x+1, ...); bad-coords mask."""
+        u = self.frame.block_u(bslices)
+        ok = np.ones(u[0].shape, dtype=bool)
+        for a in u:
+            ok &= np.isfinite(a)
+        ndim = self.frame.ndim
+        phi = None
+        for j, a in enumerate(u):
+            p = _powers(np.where(ok, a, 0.0), self.mdeg[j])
+            shape = a.shape + (1,) * j + (self.mdeg[j] + 1,) + (1,) * (ndim - 1 - j)
+            p = p.reshape(shape)
+            phi = p if phi is None else phi * p
+        return phi, ok
+
+    @staticmethod
+    def _store(res, key, s, t, chi, npix):
+        if key in res.S:
+            res.S[key] += s
+            res.T[key] += t
+            res.chi[key] += chi
+            res.npix[key] += npix
+        else:
+            res.S[key] = s
+            res.T[key] = t
+            res.chi[key] = chi
+            res.npix[key] = npix
+
+    def block(self, bslices):
+        n = self.n
+        res = PairMoments(n, image_npix=np.zeros(n, dtype=np.int64),
+                          nonfinite=np.zeros(n, dtype=np.int64))
+        block_box = tuple((s.start, s.stop) for s in bslices)
+        origin = tuple(s.start for s in bslices)
+        boxes = []
+        for l in range(n):
+            if self.bboxes[l] is None:
+                continue
+            box = _intersect(self.bboxes[l], block_box)
+            if box is not None:
+                boxes.append((l, box))
+        if not boxes:
+            return res
+
+        phi = ok = None
+        if not self.frame.separable and len(boxes) > 1:
+            phi, ok = self._world_monomials(bslices, block_box)
+
+        active = []
+        count = np.zeros([hi - lo for lo, hi in block_box], dtype=np.int32)
+        for l, box in boxes:
+            d, var, valid, nonfinite = _prepare_image(self.prob, l, box)
+            res.nonfinite[l] += nonfinite
+            if ok is not None:
+                bad = valid & ~ok[_slices(box, origin)]
+                if bad.any():
+                    res.bad_coords += int(np.count_nonzero(bad))
+                    valid &= ~bad
+                    var[bad] = np.inf
+                    d[bad] = 0.0
+            if not valid.any():
+                continue
+            count[_slices(box, origin)] += valid
+            active.append((l, box, d, var, valid))
+
+        for l, box, d, var, valid in active:
+            res.image_npix[l] += np.count_nonzero(valid & (count[_slices(box, origin)] > 1))
+
+        pairs = []
+        for (l, bl, dl, vl, ql), (m, bm, dm, vm, qm) in itertools.combinations(active, 2):
+            pbox = _intersect(bl, bm)
+            if pbox is None:
+                continue
+            sl_l = _slices(pbox, [lo for lo, _ in bl])
+            sl_m = _slices(pbox, [lo for lo, _ in bm])
+            npix = int(np.count_nonzero(ql[sl_l] & qm[sl_m]))
+            if npix:
+                pairs.append(((l, m), pbox, (dl[sl_l], vl[sl_l]), (dm[sl_m], vm[sl_m]), npix))
+        if not pairs:
+            return res
+
+        if self.frame.separable:
+            for key, pbox, il, im, npix in pairs:
+                buf = np.empty((2,) + il[0].shape)
+                chi = _weights(il, im, buf)
+                mom = _contract_separable(buf, self.axis_powers, _slices(pbox))
+                self._store(res, key, mom[0], mom[1][(Ellipsis,) + self.dsl], chi, npix)
+        else:
+            nmom = phi.shape[len(block_box):]
+            phi2d = phi.reshape(-1, int(np.prod(nmom)))
+            for start in range(0, len(pairs), PAIR_BATCH):
+                chunk = pairs[start:start + PAIR_BATCH]
+                wb = np.zeros((2 * len(chunk),) + phi.shape[: len(block_box)])
+                chis = []
+                for i, (key, pbox, il, im, npix) in enumerate(chunk):
+                    sub = (slice(2 * i, 2 * i + 2),) + _slices(pbox, origin)
+                    chis.append(_weights(il, im, wb[sub]))
+                mom = (wb.reshape(len(wb), -1) @ phi2d).reshape((len(wb),) + nmom)
+                for i, (key, pbox, il, im, npix) in enumerate(chunk):
+                    self._store(res, key, mom[2 * i], mom[2 * i + 1][(Ellipsis,) + self.dsl],
+                                chis[i], npix)
+        return res
+
+
+def _n_threads():
+    env = os.environ.get("JWST_WIIMATCH_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def accumulate(prob, frame, threads=None):
+    """Sum the pair moments of a validated problem over the whole grid.
+
+    Parameters
+    ----------
+    prob : jwst_wiimatch.core.inputs.Problem
+    frame : jwst_wiimatch.core.coords.Frame
+    threads : int, None
+        Worker threads (blocks are independent); default: the number of CPUs
+        (at most 4), or the ``JWST_WIIMATCH_THREADS`` environment variable.
+
+    Returns
+    -------
+    PairMoments
+    """
+    n = len(prob.images)
+    bboxes = [_valid_bbox(m, prob.shape) for m in prob.masks]
+    acc = _Accumulator(prob, frame, bboxes)
+
+    nmom = int(np.prod([2 * d + 1 for d in prob.degree]))
+    max_pix = min(BLOCK_PIXELS, max(4096, BLOCK_BYTES // (24 * n)))
+    if not frame.separable:
+        max_pix = min(max_pix, max(1024, (1 << 20) // nmom))
+    bshape = block_shape(prob.shape, max_pix)
+    starts = [range(0, n_ax, b) for n_ax, b in zip(prob.shape, bshape)]
+    blocks = [tuple(slice(s, min(s + b, n_ax)) for s, b, n_ax in zip(st, bshape, prob.shape))
+              for st in itertools.product(*starts)]
+
+    total = PairMoments(n, image_npix=np.zeros(n, dtype=np.int64),
+                        nonfinite=np.zeros(n, dtype=np.int64))
+    nthreads = threads if threads is not None else _n_threads()
+    # The products here are small: a multi-threaded BLAS only adds overhead
+    # (and contention with our own threads, which keep the cores busy).
+    with threadpool_limits(limits=1, user_api="blas"):
+        if nthreads > 1 and len(blocks) > 1:
+            with ThreadPoolExecutor(max_workers=nthreads) as pool:
+                for part in pool.map(acc.block, blocks):
+                    total.add(part)
+        else:
+            for b in blocks:
+                total.add(acc.block(b))
+    return total

@@ -1,0 +1,179 @@
+"""The matching engine: inputs -> moments -> solve -> coefficients and diagnostics.
+
+:func:`match_backgrounds` is the one place where the pieces of the core are put
+together; ``match_lsq`` and the step are faces over it.
+"""
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .accumulate import accumulate
+from .coords import create_coordinate_arrays, make_frame
+from .inputs import check_center, check_inputs, check_solver
+from .poly import coef_from_scaled, moments_to_basis
+from .solve import MatchWarning, assemble, gram_index, solve_system
+
+__all__ = ["MatchResult", "match_backgrounds"]
+
+log = logging.getLogger("jwst_wiimatch")
+
+
+@dataclass
+class MatchResult:
+    """Result of :func:`match_backgrounds`.
+
+    Attributes
+    ----------
+    coef : numpy.ndarray
+        ``(N, M)`` background polynomial coefficients (the value ``match_lsq``
+        returns): ``coef[n].reshape(D_x + 1, D_y + 1, ...)`` is the coefficient
+        array of :func:`~jwst_wiimatch.core.polyval_nd` for image ``n`` in the
+        coordinates ``X = C - eff_center``.
+    degree : tuple of int
+        Degree per coordinate, ``(x, y, ...)`` order.
+    eff_center : tuple of float
+        Origin of the polynomial coordinates.
+    coord_system : {'image', 'world'}
+    npix : numpy.ndarray
+        ``(N,)`` valid pixels of each image that overlap at least one other image.
+    pair_npix : numpy.ndarray
+        ``(N, N)`` number of pixels valid in both images of each pair.
+    rms, rms_before : numpy.ndarray
+        ``(N,)`` weighted RMS of ``(I_l - P_l) - (I_m - P_m)`` over all the
+        overlaps of each image, after and before matching (NaN without overlap).
+    components : list of list of int
+        Connected groups of the overlap graph.
+    isolated : list of int
+        Images that overlap no other image (their coefficients are 0).
+    undetermined : list of tuple
+        ``(image, exponents)`` of coefficients the data do not determine.
+    """
+
+    coef: np.ndarray
+    degree: tuple
+    eff_center: tuple
+    coord_system: str
+    npix: np.ndarray
+    pair_npix: np.ndarray
+    rms: np.ndarray
+    rms_before: np.ndarray
+    components: list
+    isolated: list
+    undetermined: list
+    frame: object = field(repr=False, default=None)
+    moments: object = field(repr=False, default=None)
+
+    def equations(self):
+        """The normal equations ``(a, b)`` in the documented (unscaled) basis."""
+        return documented_equations(self.frame, self.moments, self.degree)
+
+
+def documented_equations(frame, mom, degree):
+    """Assemble ``(a, b)`` in the documented basis from moments in scaled coordinates."""
+    mdeg = tuple(2 * d for d in degree)
+    S = {k: moments_to_basis(v, mdeg, frame.shift, frame.scale) for k, v in mom.S.items()}
+    T = {k: moments_to_basis(v, degree, frame.shift, frame.scale) for k, v in mom.T.items()}
+    return assemble(mom.nimages, degree, S, T)
+
+
+def _residuals(mom, coef_u, degree):
+    """Per-image weighted RMS of pair differences before and after matching."""
+    n = mom.nimages
+    idx = gram_index(degree)
+    chi_b = np.zeros(n)
+    chi_a = np.zeros(n)
+    wsum = np.zeros(n)
+    pair_npix = np.zeros((n, n), dtype=np.int64)
+    for (l, m), s in mom.S.items():
+        dc = coef_u[l] - coef_u[m]
+        t = np.ravel(mom.T[(l, m)])
+        after = mom.chi[(l, m)] - 2 * dc @ t + dc @ s[idx] @ dc
+        w0 = float(np.ravel(s)[0])
+        for i in (l, m):
+            chi_b[i] += mom.chi[(l, m)]
+            chi_a[i] += max(after, 0.0)
+            wsum[i] += w0
+        pair_npix[l, m] = pair_npix[m, l] = mom.npix[(l, m)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rms_b = np.where(wsum > 0, np.sqrt(chi_b / wsum), np.nan)
+        rms_a = np.where(wsum > 0, np.sqrt(chi_a / wsum), np.nan)
+    return rms_a, rms_b, pair_npix
+
+
+def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
+                  center_cs="image", threads=None):
+    """Check the inputs and accumulate the pair moments.
+
+    Returns
+    -------
+    prob : jwst_wiimatch.core.inputs.Problem
+    frame : jwst_wiimatch.core.coords.Frame
+    moments : jwst_wiimatch.core.accumulate.PairMoments
+    """
+    prob = check_inputs(images, masks, sigmas, degree)
+    center = check_center(center, len(prob.shape))
+    frame = make_frame(prob.shape, center, image2world, center_cs)
+    log.debug("accumulating %d images of shape %s, degree %s",
+              len(prob.images), prob.shape, prob.degree)
+    mom = accumulate(prob, frame, threads=threads)
+    for l in np.flatnonzero(mom.nonfinite):
+        warnings.warn(
+            f"images[{l}]: {mom.nonfinite[l]} pixel(s) that the mask marks valid have "
+            "NaN or infinite data or sigma; they were left out of the fit.",
+            MatchWarning, stacklevel=4)
+    if mom.bad_coords:
+        warnings.warn(
+            f"image2world gave non-finite coordinates for {mom.bad_coords} valid pixel(s) "
+            "(summed over images); they were left out of the fit.", MatchWarning, stacklevel=4)
+    return prob, frame, mom
+
+
+def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
+                      image2world=None, center_cs="image", solver="RLU", threads=None):
+    """Match the backgrounds of images on one grid; full result with diagnostics.
+
+    Takes the arguments of :func:`jwst_wiimatch.match.match_lsq` (without
+    ``ext_return``) and returns a :class:`MatchResult`. See ``match_lsq`` for
+    the meaning of the arguments.
+
+    Parameters
+    ----------
+    threads : int, None
+        Worker threads for the accumulation (default: CPU count, at most 4).
+
+    Returns
+    -------
+    MatchResult
+    """
+    t0 = time.perf_counter()
+    method = check_solver(solver)
+    prob, frame, mom = build_moments(images, masks, sigmas, degree, center=center,
+                                     image2world=image2world, center_cs=center_cs,
+                                     threads=threads)
+    n = len(prob.images)
+    a_u, b_u = assemble(n, prob.degree, mom.S, mom.T)
+    if method == "PINV":
+        dtype = prob.images[0].dtype
+        tol = np.finfo(dtype if dtype.kind == "f" else np.float64).eps ** (2.0 / 3.0)
+    else:
+        tol = None
+    coef_u, info = solve_system(a_u, b_u, n, method=method, tol=tol, degree=prob.degree)
+    coef = coef_from_scaled(coef_u, prob.degree, frame.shift, frame.scale)
+    rms, rms_before, pair_npix = _residuals(mom, coef_u, prob.degree)
+    log.debug("matched %d images (%d overlapping pairs) in %.3f s",
+              n, len(mom.S), time.perf_counter() - t0)
+    return MatchResult(
+        coef=coef, degree=prob.degree, eff_center=frame.eff_center,
+        coord_system=frame.coord_system, npix=mom.image_npix, pair_npix=pair_npix,
+        rms=rms, rms_before=rms_before, components=info.components,
+        isolated=info.isolated, undetermined=info.undetermined, frame=frame, moments=mom)
+
+
+def full_coordinates(frame, center, image2world, center_cs):
+    """Full-grid coordinate arrays of a frame (what ``ext_return`` gives)."""
+    coords, _, _ = create_coordinate_arrays(frame.shape, center=center,
+                                            image2world=image2world, center_cs=center_cs)
+    return coords

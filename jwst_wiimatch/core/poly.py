@@ -1,0 +1,187 @@
+"""Polynomial terms: exponent sets, their order, evaluation and changes of basis.
+
+Conventions (shared with wiimatch 0.3.2):
+
+* coordinates are ordered ``(x, y, z, ...)`` where ``x`` runs along the LAST
+  numpy axis of the data arrays;
+* a polynomial of degree ``(D_x, D_y, ...)`` has ``M = prod(D_j + 1)`` terms;
+  term ``p = (p_x, p_y, ...)`` is ``x**p_x * y**p_y * ...`` and its flat index
+  is ``numpy.ravel_multi_index(p, (D_x + 1, D_y + 1, ...))`` (C order), so that
+  ``coef.reshape(D_x + 1, D_y + 1, ...)`` is the coefficient array used by
+  :func:`numpy.polynomial.polynomial.polyval2d` / ``polyval3d``.
+
+Internally the engine works in *scaled* coordinates ``u = (X - shift) / scale``
+(one shift and scale per axis) where the monomials are well conditioned; this
+module converts moment sums and coefficients between the scaled basis and the
+documented (unscaled) basis exactly.
+"""
+from math import comb
+
+import numpy as np
+
+__all__ = [
+    "exponents",
+    "polyval_nd",
+    "term_name",
+    "coef_from_scaled",
+    "moments_to_basis",
+    "basis_change_1d",
+]
+
+
+def exponents(degree):
+    """Exponent tuples of all terms of a polynomial of the given degree.
+
+    Parameters
+    ----------
+    degree : tuple of int
+        Degree along each coordinate, in ``(x, y, ...)`` order.
+
+    Returns
+    -------
+    numpy.ndarray
+        Integer array of shape ``(M, ndim)``; row ``k`` is the exponent tuple
+        of the term with flat index ``k``.
+    """
+    shape = tuple(int(d) + 1 for d in degree)
+    return np.array(list(np.ndindex(*shape)), dtype=int).reshape(-1, len(shape))
+
+
+def term_name(p):
+    """Human readable name of the term with exponents ``p``, e.g. ``'x*y^2'``."""
+    letters = "xyzw"
+    names = []
+    for j, e in enumerate(p):
+        var = letters[j] if j < len(letters) else f"x{j}"
+        if e == 1:
+            names.append(var)
+        elif e > 1:
+            names.append(f"{var}^{e}")
+    return "*".join(names) if names else "1"
+
+
+def polyval_nd(coef, *coords):
+    """Evaluate an N-dimensional polynomial given by a coefficient array.
+
+    Equivalent to :func:`numpy.polynomial.polynomial.polyval2d` /
+    ``polyval3d`` for any number of dimensions: ``coef[p_x, p_y, ...]`` is the
+    coefficient of ``x**p_x * y**p_y * ...``.
+
+    Parameters
+    ----------
+    coef : array_like
+        Coefficient array with one axis per coordinate (``coef.ndim ==
+        len(coords)``), e.g. ``match_lsq(...)[n].reshape(D_x + 1, D_y + 1)``.
+    *coords : array_like
+        Coordinates ``x, y, ...``; they are broadcast against each other.
+
+    Returns
+    -------
+    numpy.ndarray
+        The polynomial evaluated at the coordinates (float64).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> c = np.array([[1.0, 2.0], [3.0, 0.5]])  # 1 + 2 y + 3 x + 0.5 x y
+    >>> float(polyval_nd(c, 2.0, 1.0))
+    10.0
+    """
+    coef = np.asarray(coef, dtype=float)
+    if coef.ndim != len(coords):
+        raise ValueError(
+            f"'coef' has {coef.ndim} axes but {len(coords)} coordinate arrays were "
+            "given: pass one coordinate array per axis of 'coef'."
+        )
+    coords = np.broadcast_arrays(*[np.asarray(c, dtype=float) for c in coords])
+    return _horner(coef, coords)
+
+
+def _horner(coef, coords):
+    x, rest = coords[0], coords[1:]
+    acc = None
+    for k in range(coef.shape[0] - 1, -1, -1):
+        term = _horner(coef[k], rest) if rest else np.full(x.shape, coef[k])
+        acc = term if acc is None else acc * x + term
+    return acc
+
+
+def basis_change_1d(degree, shift, scale):
+    """Matrix ``B`` with ``X**k = sum_i B[i, k] * u**i`` where ``X = shift + scale * u``.
+
+    It maps coefficients written in the ``X`` basis to the ``u`` basis
+    (``c_u = B @ c_X``) and, transposed, moment sums the other way
+    (``sum w X**k = sum_i B[i, k] * sum w u**i``).
+    """
+    n = int(degree) + 1
+    b = np.zeros((n, n))
+    for k in range(n):
+        for i in range(k + 1):
+            b[i, k] = comb(k, i) * shift ** (k - i) * scale**i
+    return b
+
+
+def _inverse_change_1d(degree, shift, scale):
+    """Matrix ``T`` with ``u**k = sum_i T[i, k] * X**i`` (``u = (X - shift) / scale``)."""
+    n = int(degree) + 1
+    t = np.zeros((n, n))
+    for k in range(n):
+        for i in range(k + 1):
+            t[i, k] = comb(k, i) * (-shift) ** (k - i) / scale**k
+    return t
+
+
+def _apply_per_axis(arr, mats):
+    """Contract axis ``j`` of ``arr`` (shape ``(..., n_0, n_1, ...)``) with ``mats[j]``.
+
+    ``out[..., i_0, i_1, ...] = sum_k arr[..., k_0, k_1, ...] * prod_j mats[j][i_j, k_j]``.
+    """
+    lead = arr.ndim - len(mats)
+    for j, m in enumerate(mats):
+        arr = np.moveaxis(np.tensordot(m, arr, axes=([1], [lead + j])), 0, lead + j)
+    return arr
+
+
+def coef_from_scaled(coef_u, degree, shift, scale):
+    """Convert coefficients from the scaled basis ``u`` to the documented basis ``X``.
+
+    Parameters
+    ----------
+    coef_u : numpy.ndarray
+        Shape ``(N, M)``: per-image coefficients of monomials of ``u``.
+    degree, shift, scale : sequence
+        Per-axis degree, and the shift and scale with ``u = (X - shift) / scale``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(N, M)``: the same polynomials written in monomials of ``X``.
+    """
+    shape = tuple(d + 1 for d in degree)
+    mats = [_inverse_change_1d(d, s0, s1) for d, s0, s1 in zip(degree, shift, scale)]
+    c = np.asarray(coef_u, dtype=float).reshape((-1,) + shape)
+    return _apply_per_axis(c, mats).reshape(c.shape[0], -1)
+
+
+def coef_to_scaled(coef_x, degree, shift, scale):
+    """Inverse of :func:`coef_from_scaled`."""
+    shape = tuple(d + 1 for d in degree)
+    mats = [basis_change_1d(d, s0, s1) for d, s0, s1 in zip(degree, shift, scale)]
+    c = np.asarray(coef_x, dtype=float).reshape((-1,) + shape)
+    return _apply_per_axis(c, mats).reshape(c.shape[0], -1)
+
+
+def moments_to_basis(moments_u, degree, shift, scale):
+    """Convert moment sums ``sum w u**r`` into ``sum w X**r``.
+
+    Parameters
+    ----------
+    moments_u : numpy.ndarray
+        Shape ``(..., degree_x + 1, degree_y + 1, ...)``.
+    degree : sequence of int
+        Highest exponent along each axis present in ``moments_u``.
+    shift, scale : sequence of float
+        ``X = shift + scale * u`` per axis.
+    """
+    mats = [basis_change_1d(d, s0, s1).T for d, s0, s1 in zip(degree, shift, scale)]
+    return _apply_per_axis(np.asarray(moments_u, dtype=float), mats)
