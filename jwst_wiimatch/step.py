@@ -403,6 +403,7 @@ class _Matcher:
                         skip[k] = "no overlap with any other model"
                     elif not np.all(np.isfinite(result.coef[j])):
                         skip[k] = "the solver gave no finite coefficients"
+                self._log_diagnostics(result, usable, names, skip)
                 if len([k for k in usable if k not in skip]) < 1:
                     result = None
             del images, masks, sigmas
@@ -495,6 +496,22 @@ class _Matcher:
             center=(0.0,) * len(degree), image2world=image2world,
             center_cs="world", solver=self.solver,
         )
+
+    def _log_diagnostics(self, result, usable, names, skip):
+        groups = [[usable[j] for j in comp] for comp in result.components
+                  if not all(usable[j] in skip for j in comp)]
+        if len(groups) > 1:
+            log.warning(
+                "wiimatch: the models form %d groups that do not overlap each "
+                "other; backgrounds are matched within each group only: %s",
+                len(groups),
+                "; ".join("[" + ", ".join(names[k] for k in g) + "]" for g in groups))
+        for j, expo in result.undetermined:
+            k = usable[j]
+            if k not in skip:
+                log.warning("wiimatch: %s: the data do not determine the term with "
+                            "exponents %s (set to a minimum-norm value)",
+                            names[k], tuple(int(e) for e in expo))
 
     def _log_summary(self, rows, degree, refpoint, frame):
         log.info("wiimatch: polynomial degree %s in %s, refpoint %s",

@@ -59,3 +59,8 @@ def test_demo_main_recovers_backgrounds(tmp_path, capsys):
         assert status == "COMPLETE"
         assert abs(injected - recovered) < 2e-3
         assert rms_diff < 2e-3
+
+
+def test_demo_engine_only(capsys):
+    assert demo.main(["--engine-only", "--nimages", "3"]) == 0
+    assert "recovered" in capsys.readouterr().out

@@ -504,3 +504,21 @@ def test_post_hook_in_another_step():
     res = library_models(out)
     assert all(m.meta.cal_step.wiimatch == "COMPLETE" for m in res)
     check_recovery(models, res, truths, ref)
+
+
+def test_two_groups_matched_separately(caplog):
+    """Two pairs that do not overlap each other: each pair is matched, a warning says so."""
+    models, truths, ref = h.make_models(n=4, shape=(30, 60), degree=0)
+    for k, m in enumerate(models):
+        if k < 2:
+            m.data[:, 28:] = np.nan
+        else:
+            m.data[:, :32] = np.nan
+    with caplog.at_level(logging.WARNING, logger="jwst_wiimatch"):
+        out = WiiMatchStep.call(models, degree=0)
+    assert all(m.meta.cal_step.wiimatch == "COMPLETE" for m in out)
+    assert any("2 groups" in r.getMessage() for r in caplog.records)
+    for a, b in ((0, 1), (2, 3)):
+        rec = out[b].meta.background.polynomial_info[-1].instance["coefficients"][0] \
+            - out[a].meta.background.polynomial_info[-1].instance["coefficients"][0]
+        assert rec == pytest.approx(truths[b][0, 0] - truths[a][0, 0], abs=TOL)
