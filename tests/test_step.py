@@ -522,3 +522,14 @@ def test_two_groups_matched_separately(caplog):
         rec = out[b].meta.background.polynomial_info[-1].instance["coefficients"][0] \
             - out[a].meta.background.polynomial_info[-1].instance["coefficients"][0]
         assert rec == pytest.approx(truths[b][0, 0] - truths[a][0, 0], abs=TOL)
+
+
+def test_asn_in_memory_false(tmp_path, monkeypatch):
+    models, truths, ref = h.make_models(n=3, degree=1)
+    asn = h.write_asn(models, tmp_path)
+    monkeypatch.chdir(tmp_path)  # the on-disk library keeps its files here
+    out = WiiMatchStep.call(asn, degree=1, in_memory=False, subtract=True)
+    assert isinstance(out, WiiMatchLibrary) and out._on_disk
+    res = library_models(out)
+    check_recovery(models, res, truths, ref)
+    assert all(m.meta.background.subtracted for m in res)
