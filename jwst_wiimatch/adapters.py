@@ -46,6 +46,8 @@ import logging
 
 import numpy as np
 
+from .core import polyval_nd
+
 log = logging.getLogger("jwst_wiimatch")
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "model_sigma",
     "weight_array",
     "grid_world",
+    "wcs_grid_world",
     "default_refpoint",
     "tangent_plane",
     "frame_coordinates",
@@ -270,12 +273,20 @@ def grid_world(model, shape=None):
         (float64, degrees for RA/Dec), from the gwcs forward transform
         called in (x, y[, z]) order.
     """
-    wcs = _get_wcs(model)
     if shape is None:
         shape = np.shape(model.data)
+    return wcs_grid_world(_get_wcs(model), shape)
+
+
+def wcs_grid_world(wcs, shape):
+    """World coordinates of every pixel of a grid of numpy ``shape`` through ``wcs``.
+
+    See `grid_world`; the forward transform is called on blocks of pixels
+    to bound temporary memory.
+    """
     ndim = len(shape)
     size = int(np.prod(shape))
-    outs = None
+    outs = [np.empty(size, dtype=np.float64) for _ in range(ndim)]
     for start in range(0, size, _WCS_CHUNK):
         flat = np.arange(start, min(size, start + _WCS_CHUNK))
         idx = np.unravel_index(flat, shape)  # numpy order (z, y, x)
@@ -286,8 +297,6 @@ def grid_world(model, shape=None):
                 f"{ndim}-D grid; wiimatch needs (ra, dec) for images and "
                 "(ra, dec, wavelength) for cubes"
             )
-        if outs is None:
-            outs = [np.empty(size, dtype=np.float64) for _ in range(ndim)]
         for o, w in zip(outs, world):
             o[flat] = w
     return tuple(o.reshape(shape) for o in outs)
@@ -456,20 +465,18 @@ class GridChecker:
         grids = np.meshgrid(*axes, indexing="ij")
         self._pix = [g.ravel() for g in grids]
         self._world = _pixel_world(wcs, *self._pix)
-        # pixel scale from the step to the neighbouring pixel along x and y
-        c = [np.array([(n - 1) / 2.0]) for n in self.shape[::-1]]
-        w0 = _pixel_world(wcs, *c)
-        scales = []
-        for ax in range(len(self.shape)):
-            cc = [a.copy() for a in c]
-            cc[ax] = cc[ax] + 1.0
-            w1 = _pixel_world(wcs, *cc)
-            scales.append((w0, w1))
-        sky = [_angsep(s[0][0], s[0][1], s[1][0], s[1][1])[0] for s in scales[:2]]
-        self._sky_tol = 1e-3 * max(min(sky), 1e-12) if np.all(np.isfinite(sky)) else 1e-9
+        # pixel scale: world steps from the grid center to its neighbours
+        # along x, y (and z)
+        ndim = len(self.shape)
+        center = np.array([(n - 1) / 2.0 for n in self.shape[::-1]])
+        pts = np.vstack([center, center + np.eye(ndim)])
+        w = _pixel_world(wcs, *pts.T)
+        sky = _angsep(w[0][0], w[1][0], w[0][1:3], w[1][1:3])
+        ok = np.all(np.isfinite(sky)) and np.all(sky > 0)
+        self._sky_tol = 1e-3 * float(np.min(sky)) if ok else 1e-9
         self._spec_tol = None
-        if len(self.shape) == 3:
-            dl = abs(float(scales[2][1][2][0] - scales[2][0][2][0]))
+        if ndim == 3:
+            dl = abs(float(w[2][3] - w[2][0]))
             self._spec_tol = 1e-3 * dl if np.isfinite(dl) and dl > 0 else 1e-12
 
     def check(self, model, name):
@@ -558,21 +565,6 @@ def _entry(info, key):
     return getattr(info, key)
 
 
-def _polyval(c, coords):
-    # Horner evaluation, first coordinate varies along the first axis of c
-    c = np.asarray(c, dtype=np.float64)
-    x = np.asarray(coords[0], dtype=np.float64)
-    if c.ndim == 1:
-        out = np.full(x.shape, c[-1])
-        for k in range(c.shape[0] - 2, -1, -1):
-            out = out * x + c[k]
-        return out
-    out = _polyval(c[-1], coords[1:])
-    for k in range(c.shape[0] - 2, -1, -1):
-        out = out * x + _polyval(c[k], coords[1:])
-    return out
-
-
 def evaluate_background(model, info=None, coords=None):
     """Evaluate a recorded background polynomial on any model through its WCS.
 
@@ -628,16 +620,12 @@ def evaluate_background(model, info=None, coords=None):
         if len(refpoint) < len(world):
             refpoint = refpoint + [0.0] * (len(world) - len(refpoint))
         coords = world_to_frame(world, refpoint)
-    return _polyval(coef, coords)
+    return polyval_nd(coef, *coords)
 
 
 def _latest_entry(model):
     entries = model.meta.background.polynomial_info
-    idx = None
-    try:
-        idx = model.meta.wiimatch.instance.get("polynomial_index")
-    except AttributeError:
-        pass
+    idx = _wiimatch_meta(model).get("polynomial_index")
     if idx is None:
         if not entries:
             raise ValueError("model has no meta.background.polynomial_info entry")
@@ -712,7 +700,7 @@ def _set_background_flags(model, subtracted_now):
 
 
 def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
-                  npix, rms, rms_before, background_at_ref, level, solver,
+                  npix, rms, rms_before, level, solver,
                   dqbits, undetermined=()):
     """Write one model's result into its metadata (and nothing into its data).
 
@@ -750,7 +738,7 @@ def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
         "npix": int(npix),
         "rms": float(rms) if np.isfinite(rms) else None,
         "rms_before": float(rms_before) if np.isfinite(rms_before) else None,
-        "background_at_refpoint": float(background_at_ref),
+        "background_at_refpoint": float(np.ravel(coefficients)[0]),
         "solver": str(solver),
         "dqbits": None if dqbits is None else str(dqbits),
         "undetermined_terms": [[int(e) for e in t] for t in undetermined],

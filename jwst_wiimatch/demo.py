@@ -32,6 +32,8 @@ import sys
 
 import numpy as np
 
+from .core import polyval_nd
+
 __all__ = ["make_demo_data", "main"]
 
 _GRID_CRVAL = (53.16, -27.79)  # a deep field; any position works
@@ -81,23 +83,10 @@ def _scene(shape, rng):
 
 
 def _frame(wcs, shape, ref):
-    from .adapters import grid_world, world_to_frame
+    """The step's background-frame coordinates (xi, eta) of a grid."""
+    from .adapters import wcs_grid_world, world_to_frame
 
-    class _M:  # the minimum grid_world needs
-        pass
-
-    m = _M()
-    m.data = np.empty(shape, dtype=np.float32)
-    m.meta = _M()
-    m.meta.wcs = wcs
-    return world_to_frame(grid_world(m), ref)
-
-
-def _polyval(coef, xi, eta):
-    out = np.zeros(np.shape(xi))
-    for (i, j), c in np.ndenumerate(coef):
-        out += c * xi ** i * eta ** j
-    return out
+    return world_to_frame(wcs_grid_world(wcs, shape), ref)
 
 
 def make_demo_data(folder, n=6, size=400, degree=1, seed=7):
@@ -156,7 +145,7 @@ def make_demo_data(folder, n=6, size=400, degree=1, seed=7):
             elif i + j <= degree:
                 coef[i, j] = rng.uniform(-0.05, 0.05) / half ** (i + j)
         truths.append(coef)
-        bkg = _polyval(coef, xi, eta)
+        bkg = polyval_nd(coef, xi, eta)
         sky_noise = 0.01
         err = np.sqrt(sky_noise ** 2 + 2e-4 * np.clip(sky + bkg, 0, None))
         data = sky + bkg + rng.normal(0.0, 1.0, shape) * err
@@ -252,7 +241,7 @@ def compare(info, folder):
         if recs[k] is None:
             rows.append((f, float(t.flat[0]), np.nan, np.nan, status[k]))
             continue
-        diff = (_polyval(t, xi, eta) - bkgs[k])[masks[k]]
+        diff = (polyval_nd(t, xi, eta) - bkgs[k])[masks[k]]
         rows.append((f, float(t.flat[0]), float(recs[k].flat[0]),
                      float(np.sqrt(np.mean(diff ** 2))), status[k]))
     return rows

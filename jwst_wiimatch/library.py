@@ -81,6 +81,16 @@ class WiiMatchLibrary(AbstractModelLibrary):
     ...     lib.shelve(model, 0, modify=False)
     """
 
+    def check_members_exist(self):
+        """Raise ValueError naming the first association member whose file is missing."""
+        for k, member in enumerate(self._members):
+            path = self._member_to_filename(member)
+            if "://" not in path and not os.path.isfile(path):
+                raise ValueError(
+                    f"association member {k} ({member['expname']!r}) does not exist "
+                    f"(looked for {path}); fix the association or add the file"
+                )
+
     @property
     def crds_observatory(self):
         """Observatory name, ``'jwst'`` (the library never queries CRDS itself)."""

@@ -20,13 +20,13 @@ from stpipe.datamodel import AbstractDataModel
 from stpipe.library import AbstractModelLibrary
 
 from . import adapters
+from .core.inputs import check_degree, check_solver
 from .library import WiiMatchLibrary, check_association
 
 __all__ = ["WiiMatchStep"]
 
 log = logging.getLogger("jwst_wiimatch")
 
-_SOLVERS = ("RLU", "PINV")
 _SUFFIX = "wiimatch"
 
 
@@ -112,7 +112,7 @@ class WiiMatchStep(Step):
             A library for an association (path or dict) or a library input,
             a list for a list, a ``ModelContainer`` for a ``ModelContainer``.
         """
-        solver = _check_solver(self.solver)
+        solver = check_solver(self.solver)
         dqflags = adapters.interpret_dqbits(self.dqbits)
         standalone = self.parent is None
         output, access = self._prepare(input_data, standalone)
@@ -140,14 +140,14 @@ class WiiMatchStep(Step):
                 if not os.path.isfile(path):
                     raise ValueError(f"association file {path!r} does not exist")
                 lib = WiiMatchLibrary(path, on_disk=on_disk)
-                _check_members_exist(lib)
+                lib.check_members_exist()
                 return lib, _LibraryAccess(lib)
             model = _open_model(path, path)
             return model, _ListAccess([model])
         if isinstance(data, Mapping):
             asn = check_association(copy.deepcopy(dict(data)), name="association dict")
             lib = WiiMatchLibrary(asn, on_disk=on_disk)
-            _check_members_exist(lib)
+            lib.check_members_exist()
             return lib, _LibraryAccess(lib)
         if isinstance(data, AbstractDataModel) and not isinstance(data, Sequence):
             model = data.copy() if standalone else data
@@ -242,60 +242,26 @@ def _open_model(path, what):
         raise ValueError(f"{what}: cannot open {path!r} as a datamodel ({exc})") from None
 
 
-def _check_members_exist(lib):
-    for k, member in enumerate(lib._members):
-        path = lib._member_to_filename(member)
-        if "://" not in path and not os.path.isfile(path):
-            raise ValueError(
-                f"association member {k} ({member['expname']!r}) does not exist "
-                f"(looked for {path}); fix the association or add the file"
-            )
-
-
-def _check_solver(solver):
-    name = str(solver).strip().upper() if solver is not None else ""
-    if name not in _SOLVERS:
-        raise ValueError(f"solver={solver!r} is not known; use one of {_SOLVERS}")
-    return name
-
-
 def _parse_degree(degree, ndim):
-    """Degree per axis (x, y[, z]) from an int, a list, or a string."""
+    """Degree per axis (x, y[, z]) from an int, a list, or command-line text."""
     value = degree
     if isinstance(value, (list, tuple)) and any(isinstance(v, str) for v in value):
         value = ",".join(str(v) for v in value)
     if isinstance(value, str):
-        txt = value.strip().strip("[]()")
-        parts = [p for p in txt.replace(",", " ").split() if p]
-        value = parts if len(parts) != 1 else parts[0]
-    try:
-        if isinstance(value, (list, tuple, np.ndarray)):
-            deg = [_as_int(v) for v in value]
-        else:
-            deg = [_as_int(value)] * ndim
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"degree={degree!r} is not an integer or a list of integers; give e.g. "
-            "degree=1 or degree=[1, 1] (one per axis)"
-        ) from None
-    if len(deg) != ndim:
-        axes = "(xi, eta)" if ndim == 2 else "(xi, eta, wavelength)"
-        raise ValueError(
-            f"degree={degree!r} has {len(deg)} values but the models are {ndim}-D: "
-            f"give one integer or {ndim} integers, one per axis {axes}"
-        )
-    if any(d < 0 for d in deg):
-        raise ValueError(f"degree={degree!r} has a negative value; degrees must be >= 0")
-    return tuple(deg)
-
-
-def _as_int(v):
-    if isinstance(v, (bool, np.bool_)):
-        raise TypeError("bool")
-    f = float(v)
-    if not np.isfinite(f) or f != int(f):
-        raise ValueError("not an integer")
-    return int(f)
+        parts = [p for p in value.strip().strip("[]()").replace(",", " ").split() if p]
+        try:
+            nums = [float(p) for p in parts]
+        except ValueError:
+            nums = None
+        if not nums:
+            raise ValueError(
+                f"degree={degree!r} is not an integer or a list of integers; give "
+                "e.g. degree=1 or degree=[1, 1] (one per axis: xi, eta[, wavelength])"
+            )
+        value = nums if len(nums) > 1 else nums[0]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return check_degree(value, ndim)
 
 
 def _model_name(model, index):
@@ -429,7 +395,7 @@ class _Matcher:
                             subtract=self.subtract, frame=frame,
                             npix=int(result.npix[j]), rms=float(result.rms[j]),
                             rms_before=float(result.rms_before[j]),
-                            background_at_ref=float(coef[0]), level=levels[k],
+                            level=levels[k],
                             solver=self.solver, dqbits=self.step.dqbits,
                             undetermined=undetermined,
                         )

@@ -450,9 +450,10 @@ def test_no_overlap_skipped():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"degree": [1, 1, 1]}, "degree.*3 values.*2-D"),
+        ({"degree": [1, 1, 1]}, "degree.*3 entries.*2 dimensions"),
         ({"degree": "x"}, "degree"),
-        ({"degree": -1}, "degree.*negative"),
+        ({"degree": -1}, "degree.*>= 0"),
+        ({"degree": "1.5"}, "degree"),
         ({"solver": "QR"}, "solver.*RLU"),
         ({"dqbits": "~NOPE"}, "dqbits"),
         ({"refpoint": [1.0]}, "refpoint"),
@@ -460,7 +461,7 @@ def test_no_overlap_skipped():
 )
 def test_bad_parameters(kwargs, match):
     models, _, _ = h.make_models(n=2, shape=(20, 24))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         WiiMatchStep.call(models, **kwargs)
 
 

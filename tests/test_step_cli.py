@@ -84,7 +84,7 @@ def test_strun_bad_input_fails_cleanly(tmp_path):
     h.write_asn(models, tmp_path)
     res = _strun(["jwst_wiimatch.step.WiiMatchStep", "asn.json", "--solver=QR"], tmp_path)
     assert res.returncode != 0
-    assert "solver='QR' is not known" in res.stdout + res.stderr
+    assert "'solver' must be one of 'RLU', 'PINV'; got 'QR'" in res.stdout + res.stderr
 
 
 def test_entry_point_function():
