@@ -162,12 +162,16 @@ def model_sigma(model):
     Returns
     -------
     numpy.ndarray or None
-        float64 array of the data's shape.
+        Floating-point array of the data's shape (ERR's own precision is
+        kept, so float32 ERR costs no extra memory; the engine sums in
+        float64).
     """
     err = _get_array(model, "err")
     if err is None:
         return None
-    err = np.asarray(err, dtype=np.float64)
+    err = np.asarray(err)
+    if err.dtype.kind != "f":
+        err = err.astype(np.float64)
     if not np.any(err > 0):
         # an ERR array with no positive value (e.g. a default-filled one)
         # carries no uncertainty information: treat it as absent
