@@ -303,6 +303,14 @@ def test_rerun_on_outputs_never_overwrites_them(tmp_path):
         assert (tmp_path / f.replace(".fits", "_wiimatch.fits")).exists()
 
 
+def test_progress_logged_for_many_models(caplog):
+    models, truths, ref = h.make_models(n=10, shape=(24, 30), degree=0)
+    with caplog.at_level(logging.INFO, logger="jwst_wiimatch"):
+        WiiMatchStep.call(models, degree=0)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "read 10/10 models" in text and "updated 10/10 models" in text
+
+
 def test_logging_summary(caplog):
     models, _, _ = h.make_models(n=3, degree=1)
     with caplog.at_level(logging.INFO, logger="jwst_wiimatch"):
