@@ -1,0 +1,206 @@
+"""Builders of small synthetic resampled JWST models for the step tests.
+
+Everything here is independent of the adapters under test: the tangent-plane
+coordinates used to inject backgrounds are computed with a vector formula,
+not with ``jwst_wiimatch.adapters``.
+"""
+
+import json
+import os
+
+import numpy as np
+
+
+def tan_wcs(shape, crval, pixscale_arcsec=0.1, rotation_deg=0.0, spectral=None):
+    """A gwcs TAN WCS for a grid of numpy ``shape`` centered at ``crval``.
+
+    ``spectral=(lam0, dlam)`` adds a linear wavelength axis (cubes): plane z
+    has wavelength ``lam0 + dlam * z`` (microns).
+    """
+    from astropy import coordinates as coord
+    from astropy import units as u
+    from astropy.modeling import models
+    from gwcs import coordinate_frames as cf
+    from gwcs import wcs
+
+    ny, nx = shape[-2:]
+    scale = pixscale_arcsec / 3600.0
+    crpix = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    th = np.radians(rotation_deg)
+    pc = np.array([[-np.cos(th), np.sin(th)], [np.sin(th), np.cos(th)]]) * scale
+    sky = ((models.Shift(-crpix[0]) & models.Shift(-crpix[1]))
+           | models.AffineTransformation2D(matrix=pc)
+           | models.Pix2Sky_TAN()
+           | models.RotateNative2Celestial(crval[0], crval[1], 180.0))
+    # JWST names the output frame of a gwcs "world"
+    sky_frame = cf.CelestialFrame(reference_frame=coord.ICRS(),
+                                  name="world" if spectral is None else "sky",
+                                  unit=(u.deg, u.deg))
+    if spectral is None:
+        det = cf.Frame2D(name="detector", axes_names=("x", "y"), unit=(u.pix, u.pix))
+        w = wcs.WCS([(det, sky), (sky_frame, None)])
+        w.bounding_box = ((-0.5, nx - 0.5), (-0.5, ny - 0.5))
+        return w
+    nz = shape[0]
+    lam0, dlam = spectral
+    spec = models.Scale(dlam) | models.Shift(lam0)
+    det = cf.Frame2D(name="detector", axes_names=("x", "y"), unit=(u.pix, u.pix))
+    det = cf.CoordinateFrame(naxes=3, axes_type=("PIXEL", "PIXEL", "PIXEL"),
+                             axes_order=(0, 1, 2), name="detector",
+                             axes_names=("x", "y", "z"), unit=(u.pix, u.pix, u.pix))
+    spec_frame = cf.SpectralFrame(name="spectral", unit=(u.micron,),
+                                  axes_order=(2,), axes_names=("wavelength",))
+    world = cf.CompositeFrame([sky_frame, spec_frame], name="world")
+    w = wcs.WCS([(det, sky & spec), (world, None)])
+    w.bounding_box = ((-0.5, nx - 0.5), (-0.5, ny - 0.5), (-0.5, nz - 0.5))
+    return w
+
+
+def standard_coords(ra, dec, ra0, dec0):
+    """Gnomonic standard coordinates (degrees), by unit vectors."""
+    a, d = np.radians(ra), np.radians(dec)
+    a0, d0 = np.radians(ra0), np.radians(dec0)
+    p = np.stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)])
+    n0 = np.array([np.cos(d0) * np.cos(a0), np.cos(d0) * np.sin(a0), np.sin(d0)])
+    exi = np.array([-np.sin(a0), np.cos(a0), 0.0])
+    eeta = np.array([-np.sin(d0) * np.cos(a0), -np.sin(d0) * np.sin(a0), np.cos(d0)])
+    den = np.tensordot(n0, p, 1)
+    return (np.degrees(np.tensordot(exi, p, 1) / den),
+            np.degrees(np.tensordot(eeta, p, 1) / den))
+
+
+def poly_eval(coef, *coords):
+    """Evaluate coefficient array ``coef[i, j(, k)]`` * x**i y**j (z**k)."""
+    out = np.zeros(np.shape(coords[0]))
+    for idx in np.ndindex(np.shape(coef)):
+        term = coef[idx]
+        for e, c in zip(idx, coords):
+            term = term * np.asarray(c, dtype=np.float64) ** e
+        out = out + term
+    return out
+
+
+def make_models(n=4, shape=(48, 56), crval=(150.0, 2.0), degree=1, seed=1,
+                noise=0.05, cube=False, with_dq=True, with_err=True,
+                pixscale_arcsec=0.1, spectral=(5.0, 0.01), rotation_deg=20.0):
+    """Synthetic resampled models on one grid, each with its own background.
+
+    Returns ``(models, truths, refpoint)``: ``truths[k]`` is the injected
+    coefficient array in standard coordinates (xi, eta[, dlam]) in degrees
+    about ``refpoint`` = world coordinates of the grid center.
+    """
+    from stdatamodels.jwst.datamodels import IFUCubeModel, ImageModel
+
+    rng = np.random.default_rng(seed)
+    w = tan_wcs(shape, crval, pixscale_arcsec, rotation_deg,
+                spectral=spectral if cube else None)
+    idx = np.indices(shape, dtype=np.float64)
+    pix = idx[::-1]
+    world = w(*pix, with_bounding_box=False)
+    center = [np.array([(s - 1) / 2.0]) for s in shape[::-1]]
+    ref = [float(np.ravel(v)[0]) for v in w(*center)]
+    xi, eta = standard_coords(world[0], world[1], ref[0], ref[1])
+    frame = [xi, eta] + ([world[2] - ref[2]] if cube else [])
+    ndim = len(shape)
+    deg = (degree,) * ndim if np.isscalar(degree) else tuple(degree)
+    # sources: the same in every exposure
+    ny, nx = shape[-2:]
+    scene = np.zeros(shape[-2:])
+    yy, xx = np.indices((ny, nx))
+    for _ in range(8):
+        x0, y0 = rng.uniform(0, nx), rng.uniform(0, ny)
+        amp, s = rng.uniform(2, 20), rng.uniform(0.8, 3.0)
+        scene += amp * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * s * s))
+    if cube:
+        scene = scene[None, :, :] * np.linspace(0.8, 1.2, shape[0])[:, None, None]
+    # typical coordinate extent, to scale injected coefficients to O(1) effects
+    ext = [max(np.nanmax(np.abs(c)), 1e-12) for c in frame]
+    models, truths = [], []
+    for k in range(n):
+        coef = np.zeros(tuple(d + 1 for d in deg))
+        for e in np.ndindex(coef.shape):
+            size = 1.0 if sum(e) == 0 else 0.5 / (1 + sum(e))
+            coef[e] = rng.uniform(-size, size) / np.prod([ext[a] ** e[a] for a in range(ndim)])
+        coef.flat[0] += 3.0
+        truths.append(coef)
+        bkg = poly_eval(coef, *frame)
+        err = np.full(shape, noise, dtype=np.float32)
+        data = (scene + bkg + rng.normal(0, noise, shape)).astype(np.float32)
+        # footprint: a band covering ~70% of the grid, shifted per exposure
+        off = int(round((k / max(n - 1, 1) - 0.5) * 0.3 * nx))
+        foot = (xx >= 0.15 * nx + off) & (xx < 0.85 * nx + off)
+        foot &= (yy >= 0.1 * ny + k % 2 * 3) & (yy < 0.9 * ny + k % 2 * 3)
+        foot = np.broadcast_to(foot, shape)
+        data[~foot] = np.nan
+        err[~foot] = np.nan
+        dq = np.zeros(shape, dtype=np.uint32)
+        if with_dq:
+            # a few cosmic-ray hits, flagged DO_NOT_USE (as outlier detection does)
+            for _ in range(5):
+                p = tuple(rng.integers(0, s) for s in shape)
+                data[p] += 500.0
+                dq[p] |= 1
+            dq[..., 0, :] |= 512  # NON_SCIENCE row
+            data[..., 0, :] = 1e4
+        cls = IFUCubeModel if cube else ImageModel
+        m = cls(data=data)
+        if with_err:
+            m.err = err
+        if with_dq:
+            m.dq = dq
+        if cube:
+            m.weightmap = np.where(foot, 1.0, 0.0).astype(np.float32)
+        else:
+            m.wht = np.where(foot, 1.0, 0.0).astype(np.float32)
+        m.meta.wcs = w
+        m.meta.filename = f"exp{k + 1}_{'s3d' if cube else 'i2d'}.fits"
+        m.meta.instrument.name = "MIRI" if cube else "NIRCAM"
+        m.meta.exposure.type = "MIR_MRS" if cube else "NRC_IMAGE"
+        m.meta.observation.date = "2026-01-01"
+        m.meta.observation.time = "00:00:00"
+        models.append(m)
+    return models, truths, ref
+
+
+def write_asn(models, folder, name="asn.json"):
+    """Save models into ``folder`` and write an association listing them."""
+    os.makedirs(folder, exist_ok=True)
+    members = []
+    for m in models:
+        path = os.path.join(folder, m.meta.filename)
+        m.save(path)
+        members.append({"expname": m.meta.filename, "exptype": "science"})
+    asn = {"asn_type": "image3", "asn_id": "a3001", "asn_pool": "none",
+           "products": [{"name": "wiitest", "members": members}]}
+    asn_path = os.path.join(folder, name)
+    with open(asn_path, "w") as fh:
+        json.dump(asn, fh)
+    return asn_path
+
+
+def frame_of_grid(model, ref):
+    """(xi, eta[, dlam]) of every pixel of ``model`` about ``ref`` (vector formula)."""
+    shape = model.data.shape
+    pix = np.indices(shape, dtype=np.float64)[::-1]
+    world = model.meta.wcs(*pix, with_bounding_box=False)
+    xi, eta = standard_coords(world[0], world[1], ref[0], ref[1])
+    return [xi, eta] + ([world[2] - ref[2]] if len(shape) == 3 else [])
+
+
+def relative_error(recovered, truths, masks, stat="rms"):
+    """Error of recovered background differences.
+
+    ``recovered`` and ``truths`` are lists of background arrays on the grid.
+    Returns the largest, over models n, of the RMS (``stat='rms'``) or the
+    maximum (``stat='max'``) of ``|(P_n - P_0) - (T_n - T_0)|`` over pixels
+    valid in model n or model 0.
+    """
+    worst = 0.0
+    for n in range(1, len(truths)):
+        dt = truths[n] - truths[0]
+        dr = recovered[n] - recovered[0]
+        sel = masks[n] | masks[0]
+        diff = np.abs(dt - dr)[sel]
+        val = np.sqrt(np.mean(diff ** 2)) if stat == "rms" else np.max(diff)
+        worst = max(worst, float(val))
+    return worst
