@@ -180,3 +180,19 @@ def test_memory_mapped_inputs_are_read_not_written(tmp_path):
         res = match_backgrounds(maps, masks, sigs, degree=1)
     assert [p.read_bytes() for p in paths] == before
     assert np.all(np.isfinite(res.coef))
+
+
+def test_degenerate_axis_reports_the_term_for_every_image():
+    # one row of pixels: y == 0 everywhere, so the y terms are free for all images
+    rng = np.random.default_rng(11)
+    ims = [rng.normal(size=(1, 12)) + k for k in range(3)]
+    with pytest.warns(MatchWarning, match="image 0: y, x\\*y; image 1"):
+        res = match_backgrounds(ims, degree=1)
+    assert sorted(res.undetermined) == [(i, p) for i in range(3) for p in [(0, 1), (1, 1)]]
+    assert all(type(i) is int for comp in res.components for i in comp)
+    # the x terms are determined: the pairwise differences of the data are matched
+    x = np.arange(12) - 6.0
+    fit = [res.coef[k, 0] + res.coef[k, 2] * x for k in range(3)]
+    for k in range(1, 3):
+        np.testing.assert_allclose(
+            fit[k] - fit[0], np.polyval(np.polyfit(x, ims[k][0] - ims[0][0], 1), x), atol=1e-10)
