@@ -128,3 +128,71 @@ def test_bounding_boxes_skip_far_images_but_keep_their_pairs():
     np.testing.assert_allclose(res.coef[:, 0], [-1, 1, -5, 5], atol=1e-12)
     assert sorted(map(sorted, res.components)) == [[0, 1], [2, 3]]
     assert res.pair_npix[0, 2] == 0 and res.pair_npix[0, 1] == 40 * 40
+
+
+def test_memory_is_bounded_by_blocks_not_by_images_times_grid():
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    n, shape = 12, (1024, 1024)
+    ims = [rng.normal(size=shape).astype(np.float32) for _ in range(n)]
+    sigs = [np.ones(shape, dtype=np.float32) for _ in range(n)]
+    masks = []
+    for _ in range(n):
+        m = np.zeros(shape, dtype=bool)
+        y0, x0 = rng.integers(0, 400, 2)
+        m[y0:y0 + 600, x0:x0 + 600] = True
+        masks.append(m)
+    one_grid_f64 = ims[0].size * 8  # 8 MB; n of them would be 96 MB
+    tracemalloc.start()
+    try:
+        match_backgrounds(ims, masks, sigs, degree=2, threads=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * one_grid_f64, f"peak {peak / 2**20:.1f} MB"
+
+
+def test_thread_count_from_environment(monkeypatch):
+    ims, masks, sigs = _problem(seed=7, n=3, shape=(30, 40))
+    ref = match_backgrounds(ims, masks, sigs, degree=1, threads=1)
+    monkeypatch.setenv("JWST_WIIMATCH_THREADS", "3")
+    assert acc_mod._n_threads() == 3
+    np.testing.assert_allclose(match_backgrounds(ims, masks, sigs, degree=1).coef, ref.coef,
+                               rtol=1e-12, atol=1e-14)
+    monkeypatch.setenv("JWST_WIIMATCH_THREADS", "many")
+    with pytest.raises(ValueError, match="JWST_WIIMATCH_THREADS"):
+        match_backgrounds(ims, masks, sigs, degree=1)
+
+
+def test_memory_mapped_inputs_are_read_not_written(tmp_path):
+    ims, masks, sigs = _problem(seed=9, n=3, shape=(40, 50))
+    y, x = np.argwhere(masks[1])[0]
+    ims[1][y, x] = np.nan  # a non-finite valid pixel: excluded, never overwritten
+    paths, maps = [], []
+    for k, im in enumerate(ims):
+        p = tmp_path / f"im{k}.npy"
+        np.save(p, im)
+        paths.append(p)
+        maps.append(np.load(p, mmap_mode="r+"))
+    before = [p.read_bytes() for p in paths]
+    with pytest.warns(MatchWarning, match="NaN or infinite"):
+        res = match_backgrounds(maps, masks, sigs, degree=1)
+    assert [p.read_bytes() for p in paths] == before
+    assert np.all(np.isfinite(res.coef))
+
+
+def test_degenerate_axis_reports_the_term_for_every_image():
+    # one row of pixels: y == 0 everywhere, so the y terms are free for all images
+    rng = np.random.default_rng(11)
+    ims = [rng.normal(size=(1, 12)) + k for k in range(3)]
+    with pytest.warns(MatchWarning, match="image 0: y, x\\*y; image 1"):
+        res = match_backgrounds(ims, degree=1)
+    assert sorted(res.undetermined) == [(i, p) for i in range(3) for p in [(0, 1), (1, 1)]]
+    assert all(type(i) is int for comp in res.components for i in comp)
+    # the x terms are determined: the pairwise differences of the data are matched
+    x = np.arange(12) - 6.0
+    fit = [res.coef[k, 0] + res.coef[k, 2] * x for k in range(3)]
+    for k in range(1, 3):
+        np.testing.assert_allclose(
+            fit[k] - fit[0], np.polyval(np.polyfit(x, ims[k][0] - ims[0][0], 1), x), atol=1e-10)

@@ -46,19 +46,23 @@ class PairMoments:
     nonfinite: np.ndarray = None
     bad_coords: int = 0
 
+    def add_pair(self, key, s, t, chi, npix):
+        """Add the sums of one pair over one part of the grid."""
+        if key in self.S:
+            self.S[key] += s
+            self.T[key] += t
+            self.chi[key] += chi
+            self.npix[key] += npix
+        else:
+            self.S[key] = s
+            self.T[key] = t
+            self.chi[key] = chi
+            self.npix[key] = npix
+
     def add(self, other):
         """Add the sums of ``other`` (another part of the grid) to these."""
         for key, s in other.S.items():
-            if key in self.S:
-                self.S[key] += s
-                self.T[key] += other.T[key]
-                self.chi[key] += other.chi[key]
-                self.npix[key] += other.npix[key]
-            else:
-                self.S[key] = s
-                self.T[key] = other.T[key]
-                self.chi[key] = other.chi[key]
-                self.npix[key] = other.npix[key]
+            self.add_pair(key, s, other.T[key], other.chi[key], other.npix[key])
         self.image_npix += other.image_npix
         self.nonfinite += other.nonfinite
         self.bad_coords += other.bad_coords
@@ -108,10 +112,9 @@ def _prepare_image(prob, l, box):
     but whose data or sigma is NaN or infinite.
     """
     sl = _slices(box)
-    src = prob.images[l][sl]
-    d = np.asarray(src, dtype=np.float64)
-    if d is src or not d.flags.writeable:
-        d = d.copy()
+    # always a copy: it is modified below, and the input may be a view of the
+    # caller's array or a memory map of their file
+    d = np.array(prob.images[l][sl], dtype=np.float64)
     m = prob.masks[l]
     if m is None:
         valid = np.ones(d.shape, dtype=bool)
@@ -218,19 +221,6 @@ class _Accumulator:
         phi_d = np.ascontiguousarray(full[self.dsl]).reshape(-1, npix)
         return phi, phi_d, ok
 
-    @staticmethod
-    def _store(res, key, s, t, chi, npix):
-        if key in res.S:
-            res.S[key] += s
-            res.T[key] += t
-            res.chi[key] += chi
-            res.npix[key] += npix
-        else:
-            res.S[key] = s
-            res.T[key] = t
-            res.chi[key] = chi
-            res.npix[key] = npix
-
     def block(self, bslices):
         n = self.n
         res = PairMoments(n, image_npix=np.zeros(n, dtype=np.int64),
@@ -289,7 +279,7 @@ class _Accumulator:
                 buf = np.empty((2,) + il[0].shape)
                 chi = _weights(il, im, buf)
                 mom = _contract_separable(buf, self.axis_powers, _slices(pbox))
-                self._store(res, key, mom[0], mom[1][(Ellipsis,) + self.dsl], chi, npix)
+                res.add_pair(key, mom[0], mom[1][(Ellipsis,) + self.dsl], chi, npix)
         else:
             bshape = ok.shape
             rowlen = int(np.prod(bshape[1:]))
@@ -310,15 +300,20 @@ class _Accumulator:
                 s_mom = wb[0] @ phi[:, cols].T
                 t_mom = wb[1] @ phi_d[:, cols].T
                 for i, (key, pbox, il, im, npix) in enumerate(chunk):
-                    self._store(res, key, s_mom[i].reshape(mshape), t_mom[i].reshape(dshape),
+                    res.add_pair(key, s_mom[i].reshape(mshape), t_mom[i].reshape(dshape),
                                 chis[i], npix)
         return res
 
 
 def _n_threads():
-    env = os.environ.get("JWST_WIIMATCH_THREADS")
+    env = os.environ.get("JWST_WIIMATCH_THREADS", "").strip()
     if env:
-        return max(1, int(env))
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(
+                f"JWST_WIIMATCH_THREADS must be a positive integer; got {env!r}."
+            ) from None
     return max(1, min(4, os.cpu_count() or 1))
 
 

@@ -92,7 +92,7 @@ def _components(a, nimages, nterms):
     first = a[::nterms, ::nterms]
     adj = (first != 0) & ~np.eye(nimages, dtype=bool)
     ncomp, labels = connected_components(adj, directed=False)
-    return [list(np.flatnonzero(labels == k)) for k in range(ncomp)]
+    return [[int(i) for i in np.flatnonzero(labels == k)] for k in range(ncomp)]
 
 
 def _solve_reduced(mat, rhs, method, tol):
@@ -174,9 +174,12 @@ def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=N
         sub -= sub.mean(axis=0)
         coef[comp] = sub
         if null is not None:
-            flagged = np.flatnonzero(null > NULL_WEIGHT_MIN)
-            for k in flagged:
-                info.undetermined.append((comp[1 + k // nterms], terms[k % nterms]))
+            flagged = (null > NULL_WEIGHT_MIN).reshape(len(comp) - 1, nterms)
+            # a term free for every other image of the group is free for the
+            # group's first image too (it was only held at zero to solve)
+            first = flagged.all(axis=0)
+            for row, img in zip(np.vstack([first, flagged]), comp):
+                info.undetermined.extend((img, terms[t]) for t in np.flatnonzero(row))
 
     _warn(info, n, ids)
     return coef, info
