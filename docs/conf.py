@@ -44,18 +44,13 @@ numpydoc_validation_checks = set()
 
 autodoc_default_options = {"member-order": "bysource"}
 autodoc_typehints = "none"
-autodoc_mock_imports = []
 
 # MathJax is loaded by the reader's browser when a page is viewed; the build
 # itself downloads nothing.
 
-exclude_patterns = ["_build", "_changes_step.rst"]
-templates_path = []
-master_doc = "index"
-root_doc = "index"
+exclude_patterns = ["_build"]
 
 html_theme = "alabaster"
-html_static_path = []
 html_theme_options = {
     "description": "Least-squares background matching for JWST",
     "fixed_sidebar": False,
@@ -63,31 +58,19 @@ html_theme_options = {
 html_title = f"jwst-wiimatch {release}"
 
 
-def _optional_parts(app, docname, source):
-    """Add the pages and fragments that other branches may or may not have merged.
+def _add_pipeline_page(app, docname, source):
+    """Put ``pipeline`` into the toctree of ``index.rst`` when ``docs/pipeline.rst`` exists.
 
-    * ``docs/pipeline.rst`` (the calwebb pipeline page) goes into the toctree of
-      ``index.rst``, right after ``step``, when it exists;
-    * ``docs/_changes_step.rst`` (changelog entries of the step not yet moved
-      into ``CHANGES.rst``) is shown at the end of the changelog page while
-      it exists.
-
-    A toctree entry or an ``include`` of a missing file, or an empty glob,
-    would be a warning (an error with ``-W``), hence this hook.
+    The calwebb pipeline page is written on another branch; until it is
+    merged the site builds without it. A toctree entry for a missing page,
+    or an empty glob, would be a warning (an error with ``-W``), hence this
+    hook. The entry goes right after ``step``.
     """
-    srcdir = Path(app.srcdir)
-    text = source[0]
-    if docname == "index" and (srcdir / "pipeline.rst").exists():
-        if "\n   pipeline\n" not in text:
-            text = text.replace("\n   step\n", "\n   step\n   pipeline\n", 1)
-    if docname == "changes" and (srcdir / "_changes_step.rst").exists():
-        text += (
-            "\n\nThe step (not yet merged into CHANGES.rst)\n"
-            "-------------------------------------------\n\n"
-            ".. include:: _changes_step.rst\n"
-        )
-    source[0] = text
+    if docname != "index" or not (Path(app.srcdir) / "pipeline.rst").exists():
+        return
+    if "\n   pipeline\n" not in source[0]:
+        source[0] = source[0].replace("\n   step\n", "\n   step\n   pipeline\n", 1)
 
 
 def setup(app):
-    app.connect("source-read", _optional_parts)
+    app.connect("source-read", _add_pipeline_page)
