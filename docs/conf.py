@@ -58,19 +58,44 @@ html_theme_options = {
 html_title = f"jwst-wiimatch {release}"
 
 
-def _add_pipeline_page(app, docname, source):
-    """Put ``pipeline`` into the toctree of ``index.rst`` when ``docs/pipeline.rst`` exists.
+# The calwebb pipeline integration (page docs/pipeline.rst, module
+# jwst_wiimatch.pipeline) comes from another branch and needs jwst, which the
+# documentation build does without: autodoc imports the module with jwst
+# mocked.
+autodoc_mock_imports = ["jwst"]
 
-    The calwebb pipeline page is written on another branch; until it is
-    merged the site builds without it. A toctree entry for a missing page,
-    or an empty glob, would be a warning (an error with ``-W``), hence this
-    hook. The entry goes right after ``step``.
+_PIPELINE_API = """
+
+calwebb pipeline integration
+----------------------------
+
+Needs jwst (``pip install "jwst-wiimatch[jwst]"``).
+
+.. automodule:: jwst_wiimatch.pipeline
+   :members:
+"""
+
+
+def _optional_parts(app, docname, source):
+    """Add the calwebb pipeline page and API once they exist.
+
+    * ``pipeline`` goes into the toctree of ``index.rst``, right after
+      ``step``, when ``docs/pipeline.rst`` exists;
+    * the API page documents ``jwst_wiimatch.pipeline`` when that module exists.
+
+    Until the pipeline branch is merged the site builds without them: a
+    toctree entry for a missing page, an empty glob or a failed import would
+    be a warning, and so an error with ``-W``.
     """
-    if docname != "index" or not (Path(app.srcdir) / "pipeline.rst").exists():
-        return
-    if "\n   pipeline\n" not in source[0]:
-        source[0] = source[0].replace("\n   step\n", "\n   step\n   pipeline\n", 1)
+    text = source[0]
+    if docname == "index" and (DOCS / "pipeline.rst").exists():
+        if "\n   pipeline\n" not in text:
+            text = text.replace("\n   step\n", "\n   step\n   pipeline\n", 1)
+    if docname == "api" and (DOCS.parent / "jwst_wiimatch" / "pipeline.py").exists():
+        if "jwst_wiimatch.pipeline" not in text:
+            text += _PIPELINE_API
+    source[0] = text
 
 
 def setup(app):
-    app.connect("source-read", _add_pipeline_page)
+    app.connect("source-read", _optional_parts)
