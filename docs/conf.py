@@ -1,0 +1,101 @@
+"""Sphinx configuration of the jwst-wiimatch documentation.
+
+Build (warnings are errors, as in CI)::
+
+    pip install ".[docs]"
+    sphinx-build -W --keep-going -b html docs docs/_build/html
+
+The build needs no network: intersphinx is loaded but has no mapping, and the
+theme (alabaster) ships with Sphinx.
+"""
+
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+# document the package of this checkout, even when another copy is installed
+sys.path.insert(0, str(DOCS.parent))
+
+import jwst_wiimatch  # noqa: E402
+
+project = "jwst-wiimatch"
+author = "jwst-wiimatch developers"
+copyright = "2026, jwst-wiimatch developers"  # noqa: A001
+release = jwst_wiimatch.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.intersphinx",
+    "numpydoc",
+]
+
+# CI has no internet access: no inventories are fetched. Cross-references to
+# numpy, scipy, stpipe, ... stay plain text.
+intersphinx_mapping = {}
+
+# numpydoc: render the numpydoc sections; list no class members automatically
+# (the API page names what it documents) and never fetch or cross-link types.
+numpydoc_show_class_members = False
+numpydoc_class_members_toctree = False
+numpydoc_xref_param_type = False
+numpydoc_validation_checks = set()
+
+autodoc_default_options = {"member-order": "bysource"}
+autodoc_typehints = "none"
+
+# MathJax is loaded by the reader's browser when a page is viewed; the build
+# itself downloads nothing.
+
+exclude_patterns = ["_build"]
+
+html_theme = "alabaster"
+html_theme_options = {
+    "description": "Least-squares background matching for JWST",
+    "fixed_sidebar": False,
+}
+html_title = f"jwst-wiimatch {release}"
+
+
+# The calwebb pipeline integration (page docs/pipeline.rst, module
+# jwst_wiimatch.pipeline) comes from another branch and needs jwst, which the
+# documentation build does without: autodoc imports the module with jwst
+# mocked.
+autodoc_mock_imports = ["jwst"]
+
+_PIPELINE_API = """
+
+calwebb pipeline integration
+----------------------------
+
+Needs jwst (``pip install "jwst-wiimatch[jwst]"``).
+
+.. automodule:: jwst_wiimatch.pipeline
+   :members:
+"""
+
+
+def _optional_parts(app, docname, source):
+    """Add the calwebb pipeline page and API once they exist.
+
+    * ``pipeline`` goes into the toctree of ``index.rst``, right after
+      ``step``, when ``docs/pipeline.rst`` exists;
+    * the API page documents ``jwst_wiimatch.pipeline`` when that module exists.
+
+    Until the pipeline branch is merged the site builds without them: a
+    toctree entry for a missing page, an empty glob or a failed import would
+    be a warning, and so an error with ``-W``.
+    """
+    text = source[0]
+    if docname == "index" and (DOCS / "pipeline.rst").exists():
+        if "\n   pipeline\n" not in text:
+            text = text.replace("\n   step\n", "\n   step\n   pipeline\n", 1)
+    if docname == "api" and (DOCS.parent / "jwst_wiimatch" / "pipeline.py").exists():
+        if "jwst_wiimatch.pipeline" not in text:
+            text += _PIPELINE_API
+    source[0] = text
+
+
+def setup(app):
+    app.connect("source-read", _optional_parts)
