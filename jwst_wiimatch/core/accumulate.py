@@ -105,45 +105,48 @@ def block_shape(shape, max_pixels):
     return tuple(bs)
 
 
+# Smallest usable sigma: its square is still a normal float64.
+SIGMA_MIN = float(np.sqrt(np.finfo(np.float64).tiny))
+
+
 def _prepare_image(prob, l, box):
     """Float64 data (0 where invalid), variance (inf where invalid) and validity of a box.
 
-    Also returns the number of pixels that the mask (and sigma > 0) marks valid
-    but whose data or sigma is NaN or infinite.
+    Also returns the number of pixels that the mask marks valid, whose sigma
+    is not <= 0, but whose data or sigma is NaN or infinite. The caller's
+    arrays are only read (checks run on the input dtype, float32 stays cheap).
     """
     sl = _slices(box)
-    # always a copy: it is modified below, and the input may be a view of the
-    # caller's array or a memory map of their file
-    d = np.array(prob.images[l][sl], dtype=np.float64)
+    src = np.asarray(prob.images[l][sl])
     m = prob.masks[l]
-    if m is None:
-        valid = np.ones(d.shape, dtype=bool)
-    else:
-        mb = m[sl]
-        valid = mb.astype(bool) if mb.dtype == bool else (mb != 0)
+    valid = np.ones(src.shape, dtype=bool) if m is None else np.asarray(m[sl]).astype(bool)
     s = prob.sigmas[l]
+    sb = None
     if isinstance(s, float):
-        var = s * s
-        if not (s > 0 and np.isfinite(var) and var > 0):
-            return d, np.full(d.shape, np.inf), np.zeros(d.shape, dtype=bool), 0
-        good = np.isfinite(d)
-        var = np.full(d.shape, var)
+        if not (s > SIGMA_MIN and np.isfinite(s)):
+            return (np.zeros(src.shape), np.full(src.shape, np.inf),
+                    np.zeros(src.shape, dtype=bool), 0)
     else:
-        sb = s[sl]
-        keep = sb <= 0  # NaN sigma stays in, to be counted as non-finite below
-        np.logical_not(keep, out=keep)
-        valid &= keep
-        var = np.square(sb, dtype=np.float64)
-        good = np.isfinite(d + var)
-        good &= var > 0
+        sb = np.asarray(s[sl])
+    fin = np.isfinite(src)
+    if sb is not None:
+        fin &= np.isfinite(sb)
     nonfinite = 0
-    if not good.all():
-        bad = valid & ~good
+    if not fin.all():
+        bad = valid & ~fin
+        if sb is not None:
+            bad &= ~(sb <= 0)  # sigma <= 0 means "not used", not "non-finite"
         nonfinite = int(np.count_nonzero(bad))
-        valid &= good
-    invalid = ~valid
-    np.copyto(var, np.inf, where=invalid)
-    np.copyto(d, 0.0, where=invalid)
+        valid &= fin
+    if sb is not None:
+        valid &= sb > SIGMA_MIN
+    d = np.zeros(src.shape)
+    np.copyto(d, src, where=valid)
+    var = np.full(src.shape, np.inf)
+    if sb is None:
+        np.copyto(var, s * s, where=valid)
+    else:
+        np.square(sb, out=var, where=valid, dtype=np.float64)
     return d, var, valid, nonfinite
 
 
