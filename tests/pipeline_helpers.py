@@ -70,9 +70,14 @@ def tan_wcs(shape, crval, roll_deg, pixscale_arcsec=PIXSCALE):
     return w
 
 
-def exposure_wcs(k, shape=SHAPE):
-    """gwcs of exposure ``k`` (TAN, own pointing and roll) and its CRVAL."""
+#: offset (arcsec, east) of the second detector of an exposure
+DETECTOR_GAP = 6.9
+
+
+def exposure_wcs(k, shape=SHAPE, detector=0):
+    """gwcs of exposure ``k``, ``detector`` (TAN, own pointing and roll), CRVAL."""
     dx, dy, roll = DITHERS[k]
+    dx = dx + detector * DETECTOR_GAP
     dec = FIELD[1] + dy / 3600.0
     ra = FIELD[0] + dx / 3600.0 / np.cos(np.radians(dec))
     return tan_wcs(shape, (ra, dec), roll), (ra, dec)
@@ -105,12 +110,13 @@ def s_region(w, shape=SHAPE):
     return "POLYGON ICRS " + " ".join(f"{a:.9f} {d:.9f}" for a, d in zip(ra, dec))
 
 
-def make_cal(k, backgrounds=True, seed=100, shape=SHAPE):
-    """One synthetic ``cal`` ImageModel (exposure ``k``, 0-based)."""
+def make_cal(k, backgrounds=True, seed=100, shape=SHAPE, detector=0):
+    """One synthetic ``cal`` ImageModel (exposure ``k``, 0-based; ``detector``
+    0 is NRCA1, 1 is NRCA2, east of it, in the same exposure)."""
     from stdatamodels.jwst.datamodels import ImageModel
 
-    rng = np.random.default_rng(seed + k)
-    w, (ra0, dec0) = exposure_wcs(k, shape)
+    rng = np.random.default_rng(seed + k + 50 * detector)
+    w, (ra0, dec0) = exposure_wcs(k, shape, detector)
     pix = np.indices(shape, dtype=np.float64)[::-1]
     ra, dec = w(*pix, with_bounding_box=False)
     data = sky_model(ra, dec)
@@ -131,11 +137,11 @@ def make_cal(k, backgrounds=True, seed=100, shape=SHAPE):
     m.var_flat = np.zeros(shape, dtype=np.float32)
     m.meta.wcs = w
     meta = m.meta
-    meta.filename = f"jw01234001001_0210{k + 1}_00001_nrca1_cal.fits"
+    meta.filename = f"jw01234001001_0210{k + 1}_00001_nrca{detector + 1}_cal.fits"
     meta.bunit_data = "MJy/sr"
     meta.bunit_err = "MJy/sr"
     meta.instrument.name = "NIRCAM"
-    meta.instrument.detector = "NRCA1"
+    meta.instrument.detector = f"NRCA{detector + 1}"
     meta.instrument.channel = "SHORT"
     meta.instrument.module = "A"
     meta.instrument.filter = "F200W"
@@ -178,15 +184,17 @@ def make_cal(k, backgrounds=True, seed=100, shape=SHAPE):
     return m
 
 
-def write_field(folder, n=4, backgrounds=True, product="wiifield"):
-    """Save ``n`` cal exposures and an image3 association; return its path."""
+def write_field(folder, n=4, backgrounds=True, product="wiifield", detectors=1):
+    """Save ``n`` exposures of ``detectors`` cal files each and an image3
+    association; return its path."""
     os.makedirs(folder, exist_ok=True)
     members = []
     for k in range(n):
-        m = make_cal(k, backgrounds=backgrounds)
-        m.save(os.path.join(folder, m.meta.filename))
-        members.append({"expname": m.meta.filename, "exptype": "science"})
-        m.close()
+        for det in range(detectors):
+            m = make_cal(k, backgrounds=backgrounds, detector=det)
+            m.save(os.path.join(folder, m.meta.filename))
+            members.append({"expname": m.meta.filename, "exptype": "science"})
+            m.close()
     asn = {"asn_type": "image3", "asn_rule": "DMS_Level3_Base", "asn_id": "a3001",
            "asn_pool": "synthetic", "program": "01234", "target": "1",
            "products": [{"name": product, "members": members}]}

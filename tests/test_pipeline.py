@@ -303,6 +303,41 @@ def test_sky_step_standalone_on_disk_matches_in_memory(field, tmp_path, monkeypa
     assert "wiimatch" not in m.meta.cal_step.instance
 
 
+def test_sky_step_exposure_groups(tmp_path, caplog):
+    """Two detectors per exposure: one polynomial per exposure, evaluated and
+    subtracted on each detector through that detector's own WCS."""
+    from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+    asn = ph.write_field(str(tmp_path), n=3, detectors=2)
+    with caplog.at_level("INFO", logger="jwst_wiimatch"):
+        lib = WiiMatchSkyStep.call(asn)
+    assert "resampling 3 exposure groups" in caplog.text
+    by_exposure = {}
+    with lib:
+        for i in range(len(lib)):
+            m = lib.borrow(i)
+            k = int(m.meta.observation.exposure_number) - 1
+            raw = open_model(os.path.join(str(tmp_path), m.meta.filename))
+            info = entry_of(m)
+            ra, dec = grid_sky(m)
+            good = np.isfinite(raw.data)
+            removed = np.asarray(raw.data, float) - np.asarray(m.data, float)
+            np.testing.assert_allclose(removed[good], poly_at(info, ra, dec)[good],
+                                       atol=2e-6)
+            by_exposure.setdefault(k, []).append((info, ra, dec))
+            lib.shelve(m, i, modify=False)
+    assert sorted(by_exposure) == [0, 1, 2]
+    for members in by_exposure.values():
+        assert len(members) == 2
+        assert members[0][0]["coefficients"] == members[1][0]["coefficients"]
+    ra = np.concatenate([d[1].ravel() for v in by_exposure.values() for d in v])
+    dec = np.concatenate([d[2].ravel() for v in by_exposure.values() for d in v])
+    entries = [by_exposure[k][0][0] for k in range(3)]
+    err, spread = difference_error(entries, ra, dec, np.ones(ra.shape, dtype=bool))
+    assert spread > 10 * TOL
+    assert err < TOL, (err, spread)
+
+
 def test_sky_step_single_exposure_is_skipped(field):
     from jwst.datamodels import ModelLibrary
 
