@@ -255,7 +255,9 @@ def test_seams_wiimatch_vs_skymatch(field, flat_field, tmp_path):
                             ("no_background", Image3Pipeline, flat_field)):
         out = tmp_path / label
         out.mkdir()
-        steps = {**SKIP_STEPS, "skymatch": {"save_results": True}}
+        # outlier_detection runs too: it needs no reference file
+        steps = {"tweakreg": {"skip": True}, "source_catalog": {"skip": True},
+                 "skymatch": {"save_results": True}}
         cls.call(asn, output_dir=str(out), save_results=True, steps=steps)
         i2d = open_model(str(out / "wiifield_i2d.fits"))
         corrected = glob.glob(str(out / "*_*match.fits"))
