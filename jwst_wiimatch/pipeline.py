@@ -98,7 +98,9 @@ class WiiMatchSkyStep(WiiMatchStep):
         """
         check_solver(self.solver)
         adapters.interpret_dqbits(self.dqbits)
-        library = self._as_library(input_data)
+        # on disk when this step or its pipeline says so (--in_memory=false)
+        in_memory = bool(self.in_memory) and bool(getattr(self.parent, "in_memory", True))
+        library = self._as_library(input_data, in_memory)
         groups = [list(idx) for idx in library.group_indices.values()]
         if len(groups) < 2:
             reason = (f"needs at least two exposures to match, got {len(groups)} "
@@ -109,14 +111,14 @@ class WiiMatchSkyStep(WiiMatchStep):
 
         with contextlib.ExitStack() as stack:
             tmpdir = None
-            if not self.in_memory:
+            if not in_memory:
                 tmpdir = stack.enter_context(
                     tempfile.TemporaryDirectory(prefix="wiimatch_sky_"))
             singles = self._resample_singles(library, groups, tmpdir)
             matcher = WiiMatchStep(
                 name="wiimatch_on_common_grid", parent=self,
                 degree=self.degree, refpoint=self.refpoint, solver=self.solver,
-                dqbits=self.dqbits, subtract=False, in_memory=self.in_memory,
+                dqbits=self.dqbits, subtract=False, in_memory=in_memory,
             )
             # parent is set: the step updates the singles library in place
             matcher.process(singles)
@@ -126,8 +128,8 @@ class WiiMatchSkyStep(WiiMatchStep):
         return library
 
     # ------------------------------------------------------------------
-    def _as_library(self, data):
-        on_disk = not self.in_memory
+    def _as_library(self, data, in_memory):
+        on_disk = not in_memory
         if isinstance(data, ModelLibrary):
             if self.parent is None and not getattr(data, "_on_disk", False):
                 # standalone: never change the caller's models
