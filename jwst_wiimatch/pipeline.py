@@ -174,6 +174,7 @@ class WiiMatchSkyStep(WiiMatchStep):
             models.append(single)
         del resampler
         if tmpdir is not None:
+            log.info("wiimatch: common-grid images kept on disk in %s", tmpdir)
             return _disk_library(models, tmpdir)
         return ModelLibrary(models, on_disk=False)
 

@@ -305,6 +305,20 @@ def test_sky_step_standalone_on_disk_matches_in_memory(field, tmp_path, monkeypa
     assert "wiimatch" not in m.meta.cal_step.instance
 
 
+def test_pipeline_on_disk(field, tmp_path, monkeypatch, caplog):
+    """The pipeline's --in_memory=false reaches the skymatch-slot step."""
+    monkeypatch.chdir(tmp_path)  # on-disk libraries put temporary files here
+    out = tmp_path / "out"
+    out.mkdir()
+    caplog.set_level("INFO", logger="jwst_wiimatch")
+    run_cmdline(["jwst_wiimatch.pipeline.WiiMatchImage3Pipeline", field, *SKIP_ARGS,
+                 "--in_memory=false", "--steps.skymatch.save_results=true",
+                 f"--output_dir={out}"])
+    assert os.path.isfile(out / "wiifield_i2d.fits")
+    assert "common-grid images kept on disk" in caplog.text
+    check_sky_slot_outputs(field, str(out))
+
+
 def test_sky_step_exposure_groups(tmp_path, caplog):
     """Two detectors per exposure: one polynomial per exposure, evaluated and
     subtracted on each detector through that detector's own WCS."""
