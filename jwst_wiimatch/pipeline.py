@@ -21,6 +21,7 @@ See ``docs/pipeline.rst``.
 """
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -188,7 +189,8 @@ class WiiMatchSkyStep(WiiMatchStep):
                 info = dict(model.meta.wiimatch.instance)
                 entry = None
                 if info.get("status") == "COMPLETE":
-                    entry = adapters._latest_entry(model)
+                    entries = model.meta.background.polynomial_info
+                    entry = entries[info["polynomial_index"]].instance
                     entry = {key: entry[key] for key in ("degree", "refpoint",
                                                          "coefficients")}
                 out.append((entry, info))
@@ -228,6 +230,9 @@ class WiiMatchSkyStep(WiiMatchStep):
                             bkg = adapters.evaluate_background(model, entry)
                             adapters.subtract_background(model, bkg, level=level)
                             del bkg
+                        log.info("wiimatch: %s: background polynomial (%g at refpoint) "
+                                 "%s", model.meta.filename, entry["coefficients"][0],
+                                 "subtracted" if subtract else "recorded")
                     library.shelve(model, index, modify=True)
                     del model
 
@@ -259,8 +264,6 @@ def _disk_library(paths, tmpdir):
     members = [{"expname": os.path.basename(p), "exptype": "science"} for p in paths]
     asn = {"asn_id": "wiimatch", "asn_pool": "wiimatch",
            "products": [{"name": "wiimatch_singles", "members": members}]}
-    import json
-
     path = os.path.join(tmpdir, "wiimatch_singles_asn.json")
     with open(path, "w") as fh:
         json.dump(asn, fh)
