@@ -67,6 +67,7 @@ __all__ = [
     "pending_level",
     "polynomial_coefficients",
     "evaluate_background",
+    "latest_entry",
     "subtract_background",
     "record_result",
     "record_skipped",
@@ -605,7 +606,7 @@ def evaluate_background(model, info=None, coords=None):
         bkg = evaluate_background(other, info)
     """
     if info is None:
-        info = _latest_entry(model)
+        info = latest_entry(model)
     coef = polynomial_coefficients(info)
     refpoint = [float(v) for v in _entry(info, "refpoint")]
     ndim = np.ndim(model.data)
@@ -627,7 +628,12 @@ def evaluate_background(model, info=None, coords=None):
     return polyval_nd(coef, *coords)
 
 
-def _latest_entry(model):
+def latest_entry(model):
+    """The model's latest wiimatch ``polynomial_info`` entry, as a dict.
+
+    That is the entry ``meta.wiimatch['polynomial_index']`` points to, or the
+    last entry when the model has no ``meta.wiimatch``.
+    """
     entries = model.meta.background.polynomial_info
     idx = _wiimatch_meta(model).get("polynomial_index")
     if idx is None:

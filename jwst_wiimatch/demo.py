@@ -210,7 +210,7 @@ def compare(info, folder):
     """
     from stdatamodels.jwst import datamodels
 
-    from .adapters import evaluate_background, polynomial_coefficients
+    from .adapters import evaluate_background, latest_entry, polynomial_coefficients
 
     recs, masks, bkgs, status = [], [], [], []
     wcs_model = None
@@ -223,7 +223,7 @@ def compare(info, folder):
                 recs.append(None)
                 bkgs.append(None)
             else:
-                entry = entries[m.meta.wiimatch.instance["polynomial_index"]].instance
+                entry = latest_entry(m)
                 recs.append(polynomial_coefficients(entry))
                 bkgs.append(evaluate_background(m, entry))
             with datamodels.open(os.path.join(folder, f)) as src:

@@ -85,12 +85,6 @@ class WiiMatchStep(Step):
 
         return datamodels.open(init, **kwargs)
 
-    def remove_suffix(self, name):
-        """Remove a trailing ``_wiimatch`` suffix from a file base name."""
-        if name.endswith("_" + _SUFFIX):
-            return name[: -len(_SUFFIX) - 1], "_"
-        return name, "_"
-
     def default_suffix(self):
         """Suffix of output files: ``wiimatch``."""
         return _SUFFIX

@@ -32,7 +32,9 @@ def tan_wcs(shape, crval, pixscale_arcsec=0.1, rotation_deg=0.0, spectral=None):
            | models.AffineTransformation2D(matrix=pc)
            | models.Pix2Sky_TAN()
            | models.RotateNative2Celestial(crval[0], crval[1], 180.0))
-    sky_frame = cf.CelestialFrame(reference_frame=coord.ICRS(), name="icrs",
+    # JWST names the output frame of a gwcs "world"
+    sky_frame = cf.CelestialFrame(reference_frame=coord.ICRS(),
+                                  name="world" if spectral is None else "sky",
                                   unit=(u.deg, u.deg))
     if spectral is None:
         det = cf.Frame2D(name="detector", axes_names=("x", "y"), unit=(u.pix, u.pix))

@@ -166,7 +166,8 @@ def test_build_lsq_eqs_and_solvers_equal_oracle(ndim, degree, weights,
 
 def test_rlu_single_image_returns_zero_row():
     a = np.array([[0.0, 0.0], [0.0, 0.0]])
-    out = lsq_optimizer.rlu_solve(a, np.zeros(2), 1)
+    with pytest.warns(UserWarning, match="only one image"):
+        out = lsq_optimizer.rlu_solve(a, np.zeros(2), 1)
     assert np.shape(out) == (1, 2)
     assert np.all(np.asarray(out) == 0)
 

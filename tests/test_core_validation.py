@@ -190,10 +190,6 @@ def test_nonfinite_pixels_left_out_and_counted(solver, use_masks, entry):
                                atol=1e-9 * np.abs(expected).max())
 
 
-@pytest.mark.xfail(reason="spec wording 'one UserWarning saying how many per "
-                   "image' may mean one warning per image; kept as a "
-                   "non-strict check of the single-warning reading",
-                   strict=False)
 def test_nonfinite_counts_in_a_single_warning():
     rng = np.random.default_rng(21)
     images, masks, sigmas = _nonfinite_problem(rng, True)

@@ -287,6 +287,30 @@ def test_output_names_and_inputs_untouched(tmp_path):
         assert (tmp_path / f).read_bytes() == before[f]
 
 
+def test_rerun_on_outputs_never_overwrites_them(tmp_path):
+    models, _, _ = h.make_models(n=3, degree=1)
+    asn = h.write_asn(models, tmp_path)
+    WiiMatchStep.call(asn, save_results=True, output_dir=str(tmp_path))
+    outs = sorted(p.name for p in tmp_path.glob("*_wiimatch.fits"))
+    assert len(outs) == 3
+    before = {f: (tmp_path / f).read_bytes() for f in outs}
+    asn2 = tmp_path / "asn2.json"
+    asn2.write_text(json.dumps({"products": [{"members": [
+        {"expname": f, "exptype": "science"} for f in outs]}]}))
+    WiiMatchStep.call(str(asn2), save_results=True, output_dir=str(tmp_path))
+    for f in outs:
+        assert (tmp_path / f).read_bytes() == before[f]
+        assert (tmp_path / f.replace(".fits", "_wiimatch.fits")).exists()
+
+
+def test_progress_logged_for_many_models(caplog):
+    models, truths, ref = h.make_models(n=10, shape=(24, 30), degree=0)
+    with caplog.at_level(logging.INFO, logger="jwst_wiimatch"):
+        WiiMatchStep.call(models, degree=0)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "read 10/10 models" in text and "updated 10/10 models" in text
+
+
 def test_logging_summary(caplog):
     models, _, _ = h.make_models(n=3, degree=1)
     with caplog.at_level(logging.INFO, logger="jwst_wiimatch"):

@@ -82,3 +82,62 @@ def test_wiimatch_after_skymatch_pending_level(monkeypatch):
     for m, lev in zip(out, levels):
         assert m.meta.background.level == lev
         assert m.meta.background.subtracted is True
+
+
+def _as_cal(models):
+    """Give synthetic models what jwst's resample needs of a cal product."""
+    from jwst.assign_wcs.util import update_s_region_imaging
+
+    for k, m in enumerate(models):
+        foot = np.isfinite(m.data)
+        m.dq[~foot] |= 1
+        m.data[~foot] = 0.0
+        m.err[~foot] = 0.0
+        for name in ("var_rnoise", "var_poisson", "var_flat"):
+            setattr(m, name, np.where(foot, m.err ** 2 / 3, 0).astype(np.float32))
+        ex = m.meta.exposure
+        ex.exposure_time = ex.measurement_time = ex.duration = 100.0
+        ex.start_time, ex.mid_time, ex.end_time = 60000.0 + k, 60000.005 + k, 60000.01 + k
+        m.meta.photometry.pixelarea_steradians = 2.35e-13
+        m.meta.photometry.pixelarea_arcsecsq = 0.01
+        m.meta.bunit_data = m.meta.bunit_err = "MJy/sr"
+        m.meta.filename = f"exp{k + 1}_cal.fits"
+        wi = m.meta.wcsinfo
+        wi.ctype1, wi.ctype2 = "RA---TAN", "DEC--TAN"
+        wi.crval1, wi.crval2 = wi.ra_ref, wi.dec_ref = 150.0, 2.0
+        wi.v2_ref = wi.v3_ref = wi.roll_ref = wi.v3yangle = 0.0
+        wi.vparity = -1
+        update_s_region_imaging(m)
+        m.meta.instrument.filter, m.meta.instrument.pupil = "F200W", "CLEAR"
+        m.meta.instrument.detector, m.meta.instrument.channel = "NRCA1", "SHORT"
+        obs = m.meta.observation
+        obs.program_number, obs.observation_number, obs.visit_number = "1", "1", "1"
+        obs.visit_group, obs.sequence_id, obs.activity_id = "1", "1", "1"
+        obs.exposure_number = str(k + 1)
+    return models
+
+
+def test_post_hook_of_resample_single(monkeypatch):
+    """resample single=True hands its per-exposure library to the wiimatch hook."""
+    from jwst.resample import ResampleStep
+
+    from jwst_wiimatch.adapters import evaluate_background, latest_entry
+
+    monkeypatch.setenv("STPIPE_DISABLE_CRDS_STEPPARS", "true")
+    models, truths, ref = h.make_models(n=3, shape=(60, 70), degree=1, rotation_deg=0)
+    originals = [m.copy() for m in models]
+    lib = ResampleStep.call(ModelLibrary(_as_cal(models)), single=True,
+                            post_hooks=["jwst_wiimatch.step.WiiMatchStep"])
+    res = library_models(lib)
+    assert len(res) == 3
+    for m in res:
+        assert m.meta.cal_step.wiimatch == "COMPLETE"
+        assert m.meta.wiimatch.instance["rms"] < m.meta.wiimatch.instance["rms_before"] / 3
+    # the polynomials fitted on resample's grid, evaluated on the original
+    # models through their own WCS, recover the injected differences
+    coords = h.frame_of_grid(originals[0], ref)
+    masks = [np.isfinite(m.data) for m in originals]
+    true_bkg = [h.poly_eval(t, *coords) for t in truths]
+    rec = [evaluate_background(o, latest_entry(m)) for o, m in zip(originals, res)]
+    assert h.relative_error(rec, true_bkg, masks) < 2 * TOL
+

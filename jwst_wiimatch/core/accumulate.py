@@ -46,19 +46,23 @@ class PairMoments:
     nonfinite: np.ndarray = None
     bad_coords: int = 0
 
+    def add_pair(self, key, s, t, chi, npix):
+        """Add the sums of one pair over one part of the grid."""
+        if key in self.S:
+            self.S[key] += s
+            self.T[key] += t
+            self.chi[key] += chi
+            self.npix[key] += npix
+        else:
+            self.S[key] = s
+            self.T[key] = t
+            self.chi[key] = chi
+            self.npix[key] = npix
+
     def add(self, other):
         """Add the sums of ``other`` (another part of the grid) to these."""
         for key, s in other.S.items():
-            if key in self.S:
-                self.S[key] += s
-                self.T[key] += other.T[key]
-                self.chi[key] += other.chi[key]
-                self.npix[key] += other.npix[key]
-            else:
-                self.S[key] = s
-                self.T[key] = other.T[key]
-                self.chi[key] = other.chi[key]
-                self.npix[key] = other.npix[key]
+            self.add_pair(key, s, other.T[key], other.chi[key], other.npix[key])
         self.image_npix += other.image_npix
         self.nonfinite += other.nonfinite
         self.bad_coords += other.bad_coords
@@ -160,11 +164,11 @@ def _weights(img_l, img_m, out):
 
 
 def _powers(u, maxdeg):
-    """``u[..., None] ** arange(maxdeg + 1)`` computed by repeated products."""
-    out = np.empty(u.shape + (maxdeg + 1,))
-    out[..., 0] = 1.0
+    """``u ** k`` for ``k = 0 .. maxdeg``, stacked on a new first axis."""
+    out = np.empty((maxdeg + 1,) + np.shape(u))
+    out[0] = 1.0
     for k in range(1, maxdeg + 1):
-        out[..., k] = out[..., k - 1] * u
+        np.multiply(out[k - 1], u, out=out[k])
     return out
 
 
@@ -182,7 +186,7 @@ def _contract_separable(arr, axis_powers, sub):
 
 
 # Pairs whose weights are stacked into one matrix product (world coordinates).
-PAIR_BATCH = 16
+PAIR_BATCH = 8
 
 
 class _Accumulator:
@@ -195,36 +199,28 @@ class _Accumulator:
         self.mdeg = tuple(2 * d for d in self.deg)
         self.dsl = tuple(slice(0, d + 1) for d in self.deg)
         if frame.separable:
-            self.axis_powers = [_powers(frame.axis_u(j), self.mdeg[j])
+            self.axis_powers = [np.ascontiguousarray(_powers(frame.axis_u(j), self.mdeg[j]).T)
                                 for j in range(frame.ndim)]
 
-    def _world_monomials(self, bslices, block_box):
-        """Monomials u**r (r <= 2D) of the block, shape block + (2D_x+1, ...); bad-coords mask."""
+    def _world_monomials(self, bslices):
+        """Monomials of the block's scaled world coordinates.
+
+        Returns ``phi`` (``R x npix``: ``u**r`` for every ``r <= 2 D``, C order
+        over ``(r_x, r_y, ...)``), ``phi_d`` (``M x npix``: ``r <= D``) and the
+        mask of pixels whose coordinates are finite (block shape).
+        """
         u = self.frame.block_u(bslices)
         ok = np.ones(u[0].shape, dtype=bool)
         for a in u:
             ok &= np.isfinite(a)
-        ndim = self.frame.ndim
-        phi = None
+        npix = ok.size
+        phi = np.ones((1, npix))
         for j, a in enumerate(u):
-            p = _powers(np.where(ok, a, 0.0), self.mdeg[j])
-            shape = a.shape + (1,) * j + (self.mdeg[j] + 1,) + (1,) * (ndim - 1 - j)
-            p = p.reshape(shape)
-            phi = p if phi is None else phi * p
-        return phi, ok
-
-    @staticmethod
-    def _store(res, key, s, t, chi, npix):
-        if key in res.S:
-            res.S[key] += s
-            res.T[key] += t
-            res.chi[key] += chi
-            res.npix[key] += npix
-        else:
-            res.S[key] = s
-            res.T[key] = t
-            res.chi[key] = chi
-            res.npix[key] = npix
+            p = _powers(np.where(ok, a, 0.0).ravel(), self.mdeg[j])
+            phi = (phi[:, None, :] * p[None, :, :]).reshape(-1, npix)
+        full = phi.reshape(tuple(d + 1 for d in self.mdeg) + (npix,))
+        phi_d = np.ascontiguousarray(full[self.dsl]).reshape(-1, npix)
+        return phi, phi_d, ok
 
     def block(self, bslices):
         n = self.n
@@ -242,9 +238,9 @@ class _Accumulator:
         if not boxes:
             return res
 
-        phi = ok = None
+        phi = phi_d = ok = None
         if not self.frame.separable and len(boxes) > 1:
-            phi, ok = self._world_monomials(bslices, block_box)
+            phi, phi_d, ok = self._world_monomials(bslices)
 
         active = []
         count = np.zeros([hi - lo for lo, hi in block_box], dtype=np.int32)
@@ -284,28 +280,41 @@ class _Accumulator:
                 buf = np.empty((2,) + il[0].shape)
                 chi = _weights(il, im, buf)
                 mom = _contract_separable(buf, self.axis_powers, _slices(pbox))
-                self._store(res, key, mom[0], mom[1][(Ellipsis,) + self.dsl], chi, npix)
+                res.add_pair(key, mom[0], mom[1][(Ellipsis,) + self.dsl], chi, npix)
         else:
-            nmom = phi.shape[len(block_box):]
-            phi2d = phi.reshape(-1, int(np.prod(nmom)))
+            bshape = ok.shape
+            rowlen = int(np.prod(bshape[1:]))
+            mshape = tuple(2 * d + 1 for d in self.deg)
+            dshape = tuple(d + 1 for d in self.deg)
             for start in range(0, len(pairs), PAIR_BATCH):
                 chunk = pairs[start:start + PAIR_BATCH]
-                wb = np.zeros((2 * len(chunk),) + phi.shape[: len(block_box)])
+                # rows (first numpy axis) of the block that this chunk touches
+                r0 = min(pb[0][0] for _, pb, _, _, _ in chunk) - origin[0]
+                r1 = max(pb[0][1] for _, pb, _, _, _ in chunk) - origin[0]
+                wb = np.zeros((2, len(chunk), r1 - r0) + bshape[1:])
                 chis = []
                 for i, (key, pbox, il, im, npix) in enumerate(chunk):
-                    sub = (slice(2 * i, 2 * i + 2),) + _slices(pbox, origin)
+                    sub = (slice(None), i) + _slices(pbox, (origin[0] + r0,) + origin[1:])
                     chis.append(_weights(il, im, wb[sub]))
-                mom = (wb.reshape(len(wb), -1) @ phi2d).reshape((len(wb),) + nmom)
+                wb = wb.reshape(2, len(chunk), -1)
+                cols = slice(r0 * rowlen, r1 * rowlen)
+                s_mom = wb[0] @ phi[:, cols].T
+                t_mom = wb[1] @ phi_d[:, cols].T
                 for i, (key, pbox, il, im, npix) in enumerate(chunk):
-                    self._store(res, key, mom[2 * i], mom[2 * i + 1][(Ellipsis,) + self.dsl],
+                    res.add_pair(key, s_mom[i].reshape(mshape), t_mom[i].reshape(dshape),
                                 chis[i], npix)
         return res
 
 
 def _n_threads():
-    env = os.environ.get("JWST_WIIMATCH_THREADS")
+    env = os.environ.get("JWST_WIIMATCH_THREADS", "").strip()
     if env:
-        return max(1, int(env))
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(
+                f"JWST_WIIMATCH_THREADS must be a positive integer; got {env!r}."
+            ) from None
     return max(1, min(4, os.cpu_count() or 1))
 
 
@@ -331,7 +340,9 @@ def accumulate(prob, frame, threads=None):
     nmom = int(np.prod([2 * d + 1 for d in prob.degree]))
     max_pix = min(BLOCK_PIXELS, max(4096, BLOCK_BYTES // (24 * n)))
     if not frame.separable:
-        max_pix = min(max_pix, max(1024, (1 << 20) // nmom))
+        # world frames also hold the block's monomials (nmom per pixel), the
+        # stacked pair weights (2 * PAIR_BATCH) and image2world's temporaries
+        max_pix = min(max_pix, max(1024, (1 << 21) // (nmom + 2 * PAIR_BATCH + 16)))
     bshape = block_shape(prob.shape, max_pix)
     starts = [range(0, n_ax, b) for n_ax, b in zip(prob.shape, bshape)]
     blocks = [tuple(slice(s, min(s + b, n_ax)) for s, b, n_ax in zip(st, bshape, prob.shape))

@@ -119,11 +119,12 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
     log.debug("accumulating %d images of shape %s, degree %s",
               len(prob.images), prob.shape, prob.degree)
     mom = accumulate(prob, frame, threads=threads)
-    for l in np.flatnonzero(mom.nonfinite):
+    bad = np.flatnonzero(mom.nonfinite)
+    if bad.size:
+        counts = ", ".join(f"images[{l}]: {mom.nonfinite[l]}" for l in bad)
         warnings.warn(
-            f"images[{l}]: {mom.nonfinite[l]} pixel(s) that the mask marks valid have "
-            "NaN or infinite data or sigma; they were left out of the fit.",
-            MatchWarning, stacklevel=4)
+            "pixels that the masks mark valid have NaN or infinite data or sigma and were "
+            f"left out of the fit ({counts}).", MatchWarning, stacklevel=4)
     if mom.bad_coords:
         warnings.warn(
             f"image2world gave non-finite coordinates for {mom.bad_coords} valid pixel(s) "

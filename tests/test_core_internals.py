@@ -1,0 +1,165 @@
+"""Tests of the core's building blocks against independent computations."""
+import numpy as np
+import pytest
+from numpy.polynomial import polynomial as npoly
+
+from jwst_wiimatch.core import accumulate as acc_mod
+from jwst_wiimatch.core import match_backgrounds, polyval_nd
+from jwst_wiimatch.core.poly import (coef_from_scaled, coef_to_scaled, exponents,
+                                     moments_to_basis, term_name)
+from jwst_wiimatch.core.solve import MatchWarning
+
+
+def test_exponents_order_is_c_order_over_xyz():
+    e = exponents((1, 2))
+    assert e.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert [term_name(tuple(p)) for p in e[:4]] == ["1", "y", "y^2", "x"]
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_polyval_nd_equals_numpy(ndim):
+    rng = np.random.default_rng(ndim)
+    deg = [2, 1, 3][:ndim]
+    c = rng.normal(size=[d + 1 for d in deg])
+    pts = [rng.normal(size=7) for _ in range(ndim)]
+    ref = {1: npoly.polyval, 2: npoly.polyval2d, 3: npoly.polyval3d}[ndim]
+    expected = ref(pts[0], c) if ndim == 1 else ref(*pts, c)
+    np.testing.assert_allclose(polyval_nd(c, *pts), expected, rtol=1e-13)
+
+
+def test_polyval_nd_rejects_wrong_number_of_coordinates():
+    with pytest.raises(ValueError, match="coef"):
+        polyval_nd(np.ones((2, 2)), 1.0)
+
+
+def test_scaled_basis_roundtrip_and_meaning():
+    rng = np.random.default_rng(0)
+    deg, shift, scale = (2, 3), (3.5, -1.25), (0.5, 40.0)
+    cu = rng.normal(size=(2, 12))
+    cx = coef_from_scaled(cu, deg, shift, scale)
+    np.testing.assert_allclose(coef_to_scaled(cx, deg, shift, scale), cu, rtol=1e-12,
+                               atol=1e-12)
+    # the same polynomial evaluated directly in both bases
+    x, y = rng.normal(size=5) * 3, rng.normal(size=5) * 50
+    u, v = (x - shift[0]) / scale[0], (y - shift[1]) / scale[1]
+    for k in range(2):
+        np.testing.assert_allclose(polyval_nd(cx[k].reshape(3, 4), x, y),
+                                   polyval_nd(cu[k].reshape(3, 4), u, v), rtol=1e-10)
+
+
+def test_moments_to_basis_matches_direct_sums():
+    rng = np.random.default_rng(1)
+    x, y, w = rng.normal(size=50), rng.normal(size=50), rng.random(50)
+    shift, scale = (0.3, -2.0), (2.0, 0.25)
+    u, v = (x - shift[0]) / scale[0], (y - shift[1]) / scale[1]
+    mu = np.array([[np.sum(w * u**i * v**j) for j in range(5)] for i in range(4)])
+    mx = np.array([[np.sum(w * x**i * y**j) for j in range(5)] for i in range(4)])
+    np.testing.assert_allclose(moments_to_basis(mu, (3, 4), shift, scale), mx, rtol=1e-10)
+
+
+def _problem(seed=0, n=5, shape=(70, 90)):
+    rng = np.random.default_rng(seed)
+    ims, masks, sigs = [], [], []
+    for _ in range(n):
+        m = np.zeros(shape, dtype=bool)
+        y0, x0 = rng.integers(0, shape[0] // 2), rng.integers(0, shape[1] // 2)
+        m[y0:y0 + shape[0] // 2 + 5, x0:x0 + shape[1] // 2 + 5] = True
+        m &= rng.random(shape) > 0.1
+        ims.append(rng.normal(size=shape) + rng.normal())
+        masks.append(m)
+        sigs.append(rng.uniform(0.5, 2.0, shape))
+    return ims, masks, sigs
+
+
+@pytest.mark.parametrize("world", [False, True])
+def test_result_does_not_depend_on_blocks_or_threads(monkeypatch, world):
+    ims, masks, sigs = _problem()
+    kw = {}
+    if world:
+        kw = dict(image2world=lambda x, y: (10 + 0.01 * x + 1e-5 * y * y, -5 + 0.01 * y))
+    ref = match_backgrounds(ims, masks, sigs, degree=2, threads=1, **kw)
+    monkeypatch.setattr(acc_mod, "BLOCK_PIXELS", 300)  # many small, uneven blocks
+    monkeypatch.setattr(acc_mod, "PAIR_BATCH", 3)
+    small = match_backgrounds(ims, masks, sigs, degree=2, threads=2, **kw)
+    np.testing.assert_allclose(small.coef, ref.coef, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(small.pair_npix, ref.pair_npix)
+    np.testing.assert_array_equal(small.npix, ref.npix)
+    np.testing.assert_allclose(small.rms, ref.rms, rtol=1e-9)
+
+
+def test_diagnostics_against_direct_computation():
+    ims, masks, sigs = _problem(seed=3, n=4)
+    res = match_backgrounds(ims, masks, sigs, degree=1)
+    n = len(ims)
+    shape = ims[0].shape
+    yy, xx = np.indices(shape, dtype=float)
+    cx, cy = shape[1] // 2, shape[0] // 2
+    bkg = [polyval_nd(res.coef[k].reshape(2, 2), xx - cx, yy - cy) for k in range(n)]
+    for k in range(n):
+        num_b = num_a = wsum = 0.0
+        used = np.zeros(shape, dtype=bool)
+        for m in range(n):
+            if m == k:
+                continue
+            both = masks[k] & masks[m]
+            assert res.pair_npix[k, m] == np.count_nonzero(both)
+            used |= both
+            w = 1.0 / (sigs[k] ** 2 + sigs[m] ** 2)
+            d = ims[k] - ims[m]
+            r = d - (bkg[k] - bkg[m])
+            num_b += np.sum((w * d * d)[both])
+            num_a += np.sum((w * r * r)[both])
+            wsum += np.sum(w[both])
+        assert res.npix[k] == np.count_nonzero(used)
+        np.testing.assert_allclose(res.rms_before[k], np.sqrt(num_b / wsum), rtol=1e-9)
+        np.testing.assert_allclose(res.rms[k], np.sqrt(num_a / wsum), rtol=1e-7)
+        assert res.rms[k] < res.rms_before[k]
+
+
+def test_bounding_boxes_skip_far_images_but_keep_their_pairs():
+    # two pairs of images far apart on a big grid: two groups, warned
+    shape = (400, 400)
+    ims = [np.full(shape, v) for v in (1.0, 3.0, 10.0, 20.0)]
+    masks = [np.zeros(shape, bool) for _ in range(4)]
+    masks[0][:50, :50] = masks[1][10:60, 10:60] = True
+    masks[2][300:, 300:] = masks[3][320:, 320:] = True
+    with pytest.warns(MatchWarning, match="2 groups"):
+        res = match_backgrounds(ims, masks, degree=0)
+    np.testing.assert_allclose(res.coef[:, 0], [-1, 1, -5, 5], atol=1e-12)
+    assert sorted(map(sorted, res.components)) == [[0, 1], [2, 3]]
+    assert res.pair_npix[0, 2] == 0 and res.pair_npix[0, 1] == 40 * 40
+
+
+def test_memory_is_bounded_by_blocks_not_by_images_times_grid():
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    n, shape = 12, (1024, 1024)
+    ims = [rng.normal(size=shape).astype(np.float32) for _ in range(n)]
+    sigs = [np.ones(shape, dtype=np.float32) for _ in range(n)]
+    masks = []
+    for _ in range(n):
+        m = np.zeros(shape, dtype=bool)
+        y0, x0 = rng.integers(0, 400, 2)
+        m[y0:y0 + 600, x0:x0 + 600] = True
+        masks.append(m)
+    one_grid_f64 = ims[0].size * 8  # 8 MB; n of them would be 96 MB
+    tracemalloc.start()
+    try:
+        match_backgrounds(ims, masks, sigs, degree=2, threads=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * one_grid_f64, f"peak {peak / 2**20:.1f} MB"
+
+
+def test_thread_count_from_environment(monkeypatch):
+    ims, masks, sigs = _problem(seed=7, n=3, shape=(30, 40))
+    ref = match_backgrounds(ims, masks, sigs, degree=1, threads=1)
+    monkeypatch.setenv("JWST_WIIMATCH_THREADS", "3")
+    assert acc_mod._n_threads() == 3
+    np.testing.assert_allclose(match_backgrounds(ims, masks, sigs, degree=1).coef, ref.coef,
+                               rtol=1e-12, atol=1e-14)
+    monkeypatch.setenv("JWST_WIIMATCH_THREADS", "many")
+    with pytest.raises(ValueError, match="JWST_WIIMATCH_THREADS"):
+        match_backgrounds(ims, masks, sigs, degree=1)
