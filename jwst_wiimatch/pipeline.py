@@ -189,8 +189,7 @@ class WiiMatchSkyStep(WiiMatchStep):
                 info = dict(model.meta.wiimatch.instance)
                 entry = None
                 if info.get("status") == "COMPLETE":
-                    entries = model.meta.background.polynomial_info
-                    entry = entries[info["polynomial_index"]].instance
+                    entry = adapters.latest_entry(model)
                     entry = {key: entry[key] for key in ("degree", "refpoint",
                                                          "coefficients")}
                 out.append((entry, info))
