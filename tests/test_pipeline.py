@@ -354,6 +354,29 @@ def test_sky_step_exposure_groups(tmp_path, caplog):
     assert err < TOL, (err, spread)
 
 
+def test_sky_step_standalone_inputs(field, tmp_path):
+    """A list of cal models is left unchanged; strun of the step's class path
+    on an association saves <member>_wiimatch.fits."""
+    from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+    raw = sorted(glob.glob(os.path.join(os.path.dirname(field), "*_cal.fits")))
+    models = [open_model(p) for p in raw]
+    before = [m.data.copy() for m in models]
+    lib = WiiMatchSkyStep.call(models, degree=1)
+    for m, d in zip(models, before):
+        np.testing.assert_array_equal(m.data, d)
+        assert "wiimatch" not in m.meta.cal_step.instance
+    with lib:
+        for k in range(len(lib)):
+            m = lib.borrow(k)
+            assert m.meta.background.subtracted is True
+            assert not np.allclose(m.data, before[k], equal_nan=True)
+            lib.shelve(m, k, modify=False)
+
+    run_cmdline(["jwst_wiimatch.pipeline.WiiMatchSkyStep", field, f"--output_dir={tmp_path}"])
+    check_sky_slot_outputs(field, str(tmp_path))
+
+
 def test_sky_step_single_exposure_is_skipped(field):
     from jwst.datamodels import ModelLibrary
 
