@@ -377,6 +377,27 @@ def test_sky_step_standalone_inputs(field, tmp_path):
     check_sky_slot_outputs(field, str(tmp_path))
 
 
+def test_sky_step_coarser_common_grid(field):
+    """pixel_scale_ratio=2: a 4 times smaller common grid, same recovery."""
+    from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+    lib = WiiMatchSkyStep.call(field, pixel_scale_ratio=2.0)
+    entries, ras, decs = [], [], []
+    with lib:
+        for k in range(len(lib)):
+            m = lib.borrow(k)
+            assert m.meta.wiimatch.instance["npix"] < 1200  # ~3000-3900 at ratio 1
+            entries.append(entry_of(m))
+            ra, dec = grid_sky(m)
+            ras.append(ra.ravel())
+            decs.append(dec.ravel())
+            lib.shelve(m, k, modify=False)
+    ra, dec = np.concatenate(ras), np.concatenate(decs)
+    err, spread = difference_error(entries, ra, dec, np.ones(ra.shape, dtype=bool))
+    assert spread > 10 * TOL
+    assert err < TOL, (err, spread)
+
+
 def test_sky_step_single_exposure_is_skipped(field):
     from jwst.datamodels import ModelLibrary
 
