@@ -4,6 +4,8 @@
 entry-point group; ``stpipe list`` then shows ``wiimatch``.
 """
 
+import importlib.util
+
 __all__ = ["get_steps"]
 
 
@@ -17,7 +19,12 @@ def get_steps():
 
     Examples
     --------
-    >>> get_steps()
-    [('jwst_wiimatch.step.WiiMatchStep', 'wiimatch', False)]
+    >>> get_steps()[0]
+    ('jwst_wiimatch.step.WiiMatchStep', 'wiimatch', False)
     """
-    return [("jwst_wiimatch.step.WiiMatchStep", "wiimatch", False)]
+    steps = [("jwst_wiimatch.step.WiiMatchStep", "wiimatch", False)]
+    if importlib.util.find_spec("jwst") is not None:
+        # calwebb_image3 with wiimatch in skymatch's slot (needs jwst)
+        steps.append(("jwst_wiimatch.pipeline.WiiMatchImage3Pipeline",
+                      "calwebb_image3_wiimatch", True))
+    return steps

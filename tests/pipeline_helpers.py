@@ -1,0 +1,228 @@
+"""Synthetic Level-2 (``cal``) NIRCam-like exposures for the calwebb tests.
+
+A dithered field: every exposure sees the same sky (a flat astrophysical
+level plus a few compact sources) through its own detector grid (its own
+pointing and roll), plus its own background plane, plus Gaussian noise with
+a matching ERR / VAR_RNOISE. The metadata is what jwst 3.0.0's
+``Image3Pipeline`` (association reading, exposure grouping, ``skymatch``,
+``resample``, saving) needs; no reference file and no CRDS access is needed.
+
+Backgrounds are injected as planes in the gnomonic standard coordinates
+``(xi, eta)`` (degrees) about the field center, computed by
+``step_helpers.standard_coords`` (a vector formula independent of the
+package under test).
+"""
+
+import json
+import os
+
+import numpy as np
+
+import step_helpers as h
+
+#: Field center (ICRS degrees).
+FIELD = (53.16, -27.78)
+PIXSCALE = 0.1  # arcsec / pixel
+SHAPE = (64, 64)
+NOISE = 0.01  # MJy/sr per pixel
+SKY = 0.2  # astrophysical level common to all exposures (MJy/sr)
+
+# (dx, dy) pointing offsets in arcsec (east, north) and roll in degrees
+DITHERS = [(0.0, 0.0, 0.0), (2.2, 0.9, 4.0), (0.7, 2.5, -3.0), (2.6, 2.8, 7.0)]
+# background planes: (level, d/dxi, d/deta) with gradients per arcsec
+PLANES = [(1.00, 0.020, -0.010), (1.30, -0.015, 0.025), (0.80, 0.010, 0.030),
+          (1.10, -0.025, -0.020)]
+
+
+def gradient_coefficients(plane):
+    """Injected plane as a [[c00, c01], [c10, c11]] array in (xi, eta) degrees."""
+    level, gx, gy = plane
+    c = np.zeros((2, 2))
+    c[0, 0] = level
+    c[1, 0] = gx * 3600.0
+    c[0, 1] = gy * 3600.0
+    return c
+
+
+def tan_wcs(shape, crval, roll_deg, pixscale_arcsec=PIXSCALE):
+    """A gwcs TAN WCS ``detector -> world`` (frame names as jwst's imaging WCS)."""
+    from astropy import coordinates as coord
+    from astropy import units as u
+    from astropy.modeling import models
+    from gwcs import coordinate_frames as cf
+    from gwcs import wcs
+
+    ny, nx = shape
+    scale = pixscale_arcsec / 3600.0
+    th = np.radians(roll_deg)
+    pc = np.array([[-np.cos(th), np.sin(th)], [np.sin(th), np.cos(th)]]) * scale
+    transform = ((models.Shift(-(nx - 1) / 2.0) & models.Shift(-(ny - 1) / 2.0))
+                 | models.AffineTransformation2D(matrix=pc)
+                 | models.Pix2Sky_TAN()
+                 | models.RotateNative2Celestial(crval[0], crval[1], 180.0))
+    det = cf.Frame2D(name="detector", axes_names=("x", "y"), unit=(u.pix, u.pix))
+    sky = cf.CelestialFrame(reference_frame=coord.ICRS(), name="world",
+                            axes_names=("lon", "lat"), unit=(u.deg, u.deg))
+    w = wcs.WCS([(det, transform), (sky, None)])
+    w.bounding_box = ((-0.5, nx - 0.5), (-0.5, ny - 0.5))
+    w.pixel_shape = (nx, ny)
+    w.array_shape = (ny, nx)
+    return w
+
+
+#: offset (arcsec, east) of the second detector of an exposure
+DETECTOR_GAP = 6.9
+
+
+def exposure_wcs(k, shape=SHAPE, detector=0):
+    """gwcs of exposure ``k``, ``detector`` (TAN, own pointing and roll), CRVAL."""
+    dx, dy, roll = DITHERS[k]
+    dx = dx + detector * DETECTOR_GAP
+    dec = FIELD[1] + dy / 3600.0
+    ra = FIELD[0] + dx / 3600.0 / np.cos(np.radians(dec))
+    return tan_wcs(shape, (ra, dec), roll), (ra, dec)
+
+
+def sky_model(ra, dec, seed=7):
+    """Noise-free common sky (MJy/sr) at sky positions, incl. a few sources."""
+    rng = np.random.default_rng(seed)
+    xi, eta = h.standard_coords(ra, dec, *FIELD)
+    xi, eta = xi * 3600.0, eta * 3600.0  # arcsec
+    out = np.full(np.shape(xi), SKY)
+    for _ in range(6):
+        x0, y0 = rng.uniform(-2.0, 5.0, 2)
+        amp, s = rng.uniform(0.5, 3.0), rng.uniform(0.1, 0.3)
+        out += amp * np.exp(-((xi - x0) ** 2 + (eta - y0) ** 2) / (2 * s * s))
+    return out
+
+
+def injected_background(k, ra, dec):
+    """Background plane of exposure ``k`` at sky positions."""
+    xi, eta = h.standard_coords(ra, dec, *FIELD)
+    return h.poly_eval(gradient_coefficients(PLANES[k]), xi, eta)
+
+
+def s_region(w, shape=SHAPE):
+    ny, nx = shape
+    xs = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5])
+    ys = np.array([-0.5, -0.5, ny - 0.5, ny - 0.5])
+    ra, dec = w(xs, ys, with_bounding_box=False)
+    return "POLYGON ICRS " + " ".join(f"{a:.9f} {d:.9f}" for a, d in zip(ra, dec))
+
+
+def make_cal(k, backgrounds=True, seed=100, shape=SHAPE, detector=0):
+    """One synthetic ``cal`` ImageModel (exposure ``k``, 0-based; ``detector``
+    0 is NRCA1, 1 is NRCA2, east of it, in the same exposure)."""
+    from stdatamodels.jwst.datamodels import ImageModel
+
+    rng = np.random.default_rng(seed + k + 50 * detector)
+    w, (ra0, dec0) = exposure_wcs(k, shape, detector)
+    pix = np.indices(shape, dtype=np.float64)[::-1]
+    ra, dec = w(*pix, with_bounding_box=False)
+    data = sky_model(ra, dec)
+    if backgrounds:
+        data = data + injected_background(k, ra, dec)
+    data = data + rng.normal(0.0, NOISE, shape)
+    dq = np.zeros(shape, dtype=np.uint32)
+    # a few bad pixels, flagged and NaN as in real cal files
+    for _ in range(4):
+        p = tuple(int(rng.integers(2, s - 2)) for s in shape)
+        dq[p] = 1  # DO_NOT_USE
+        data[p] = np.nan
+    m = ImageModel(data=data.astype(np.float32))
+    m.dq = dq
+    m.err = np.full(shape, NOISE, dtype=np.float32)
+    m.var_rnoise = np.full(shape, NOISE ** 2, dtype=np.float32)
+    m.var_poisson = np.zeros(shape, dtype=np.float32)
+    m.var_flat = np.zeros(shape, dtype=np.float32)
+    m.meta.wcs = w
+    meta = m.meta
+    meta.filename = f"jw01234001001_0210{k + 1}_00001_nrca{detector + 1}_cal.fits"
+    meta.bunit_data = "MJy/sr"
+    meta.bunit_err = "MJy/sr"
+    meta.instrument.name = "NIRCAM"
+    meta.instrument.detector = f"NRCA{detector + 1}"
+    meta.instrument.channel = "SHORT"
+    meta.instrument.module = "A"
+    meta.instrument.filter = "F200W"
+    meta.instrument.pupil = "CLEAR"
+    meta.exposure.type = "NRC_IMAGE"
+    meta.exposure.start_time = 60000.0 + 0.01 * k
+    meta.exposure.end_time = 60000.0 + 0.01 * k + 0.005
+    meta.exposure.mid_time = 60000.0 + 0.01 * k + 0.0025
+    meta.exposure.exposure_time = 400.0
+    meta.exposure.effective_exposure_time = 400.0
+    meta.exposure.duration = 420.0
+    meta.exposure.measurement_time = 380.0
+    meta.exposure.elapsed_exposure_time = 400.0
+    meta.exposure.nints = 1
+    meta.observation.date = "2026-01-01"
+    meta.observation.time = "00:00:00"
+    meta.observation.program_number = "01234"
+    meta.observation.observation_number = "001"
+    meta.observation.visit_number = "001"
+    meta.observation.visit_group = "02"
+    meta.observation.sequence_id = "1"
+    meta.observation.activity_id = "01"
+    meta.observation.exposure_number = f"{k + 1:05d}"
+    meta.target.type = "FIXED"
+    meta.subarray.name = "SUB64P"
+    meta.subarray.xstart = 1
+    meta.subarray.ystart = 1
+    meta.subarray.xsize = shape[1]
+    meta.subarray.ysize = shape[0]
+    meta.photometry.pixelarea_arcsecsq = PIXSCALE ** 2
+    meta.photometry.pixelarea_steradians = (PIXSCALE / 206264.806) ** 2
+    meta.wcsinfo.ra_ref = ra0
+    meta.wcsinfo.dec_ref = dec0
+    meta.wcsinfo.roll_ref = DITHERS[k][2]
+    meta.wcsinfo.v3yangle = 0.0
+    meta.wcsinfo.vparity = -1
+    meta.wcsinfo.s_region = s_region(w, shape)
+    for step in ("assign_wcs", "flat_field", "photom"):
+        setattr(meta.cal_step, step, "COMPLETE")
+    return m
+
+
+def write_field(folder, n=4, backgrounds=True, product="wiifield", detectors=1):
+    """Save ``n`` exposures of ``detectors`` cal files each and an image3
+    association; return its path."""
+    os.makedirs(folder, exist_ok=True)
+    members = []
+    for k in range(n):
+        for det in range(detectors):
+            m = make_cal(k, backgrounds=backgrounds, detector=det)
+            m.save(os.path.join(folder, m.meta.filename))
+            members.append({"expname": m.meta.filename, "exptype": "science"})
+            m.close()
+    asn = {"asn_type": "image3", "asn_rule": "DMS_Level3_Base", "asn_id": "a3001",
+           "asn_pool": "synthetic", "program": "01234", "target": "1",
+           "products": [{"name": product, "members": members}]}
+    path = os.path.join(folder, "asn_image3.json")
+    with open(path, "w") as fh:
+        json.dump(asn, fh)
+    return path
+
+
+def overlap_seam_rms(models, min_pixels=50):
+    """RMS of pairwise differences of images on one grid, over their overlaps.
+
+    ``models`` are images on one common grid (resampled singles). Returns the
+    RMS over every pixel of every overlapping pair (each pair's mean is NOT
+    removed: a constant offset is a seam too).
+    """
+    datas = [np.asarray(m.data, dtype=np.float64) for m in models]
+    wht = [np.asarray(m.wht) if m.wht is not None else np.ones_like(d)
+           for m, d in zip(models, datas)]
+    sq, npix = 0.0, 0
+    for a in range(len(datas)):
+        for b in range(a + 1, len(datas)):
+            sel = (np.isfinite(datas[a]) & np.isfinite(datas[b])
+                   & (wht[a] > 0) & (wht[b] > 0))
+            # stay away from footprint edges (partial pixel coverage)
+            if np.count_nonzero(sel) < min_pixels:
+                continue
+            d = (datas[a] - datas[b])[sel]
+            sq += float(np.sum(d * d))
+            npix += d.size
+    return np.sqrt(sq / npix)

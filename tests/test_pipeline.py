@@ -1,0 +1,456 @@
+"""jwst 3.0.0's real calwebb_image3 on synthetic cal exposures, with wiimatch.
+
+Two ways of running wiimatch inside the pipeline are exercised:
+
+1. as a post-hook of ``resample`` with ``single=True`` (per-exposure images
+   on one grid carry the matched polynomials);
+2. in place of ``skymatch`` (``WiiMatchImage3Pipeline``): the calibrated
+   exposures are matched, their polynomials subtracted on their own pixels,
+   and the final ``i2d`` is background matched; jwst's own skymatch
+   (constant levels) is run on the same field for comparison.
+
+Offline: ``STPIPE_DISABLE_CRDS_STEPPARS=true``, ``CRDS_SERVER_URL`` points to
+an address that cannot resolve (any CRDS contact would fail the test), and
+the steps that need reference files or catalogs (tweakreg,
+outlier_detection, source_catalog) are skipped. Skipped without jwst.
+"""
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jwst")
+
+sys.path.insert(0, os.path.dirname(__file__))
+import pipeline_helpers as ph  # noqa: E402
+import step_helpers as h  # noqa: E402
+
+from jwst_wiimatch.configs import config_path  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: steps skipped in every run (they need reference files or a real sky)
+SKIP_ARGS = ["--steps.tweakreg.skip=true", "--steps.outlier_detection.skip=true",
+             "--steps.source_catalog.skip=true"]
+SKIP_STEPS = {name: {"skip": True}
+              for name in ("tweakreg", "outlier_detection", "source_catalog")}
+
+# largest RMS error allowed on a recovered background difference (MJy/sr);
+# injected differences are ~0.1-0.5, the noise is 0.01 per pixel
+TOL = 0.01
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STPIPE_DISABLE_CRDS_STEPPARS", "true")
+        mp.setenv("CRDS_SERVER_URL", "https://crds.invalid")
+        mp.setenv("CRDS_PATH", str(tmp_path_factory.mktemp("crds_cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory):
+    """Association of 4 dithered cal exposures with injected background planes."""
+    return ph.write_field(str(tmp_path_factory.mktemp("field")))
+
+
+@pytest.fixture(scope="module")
+def flat_field(tmp_path_factory):
+    """The same exposures (same sky, same noise) without injected backgrounds."""
+    return ph.write_field(str(tmp_path_factory.mktemp("flat")), backgrounds=False)
+
+
+def run_cmdline(args):
+    from stpipe import Step
+
+    Step.from_cmdline(args)
+
+
+def open_model(path):
+    from stdatamodels.jwst import datamodels
+
+    return datamodels.open(path)
+
+
+def poly_at(info, ra, dec):
+    """A recorded 2-D polynomial at sky positions (independent evaluation)."""
+    ref = [float(v) for v in info["refpoint"]]
+    coef = np.reshape(np.asarray(info["coefficients"], dtype=float),
+                      [int(d) + 1 for d in info["degree"]])
+    xi, eta = h.standard_coords(ra, dec, ref[0], ref[1])
+    return h.poly_eval(coef, xi, eta)
+
+
+def grid_sky(model):
+    pix = np.indices(model.data.shape, dtype=np.float64)[::-1]
+    return model.meta.wcs(*pix, with_bounding_box=False)
+
+
+def entry_of(model):
+    w = model.meta.wiimatch.instance
+    return model.meta.background.polynomial_info[w["polynomial_index"]].instance
+
+
+def difference_error(entries, ra, dec, sel):
+    """Largest RMS over exposures k of (P_k - P_0) - (T_k - T_0) at sky positions."""
+    rec = [poly_at(e, ra, dec) for e in entries]
+    true = [ph.injected_background(k, ra, dec) for k in range(len(entries))]
+    err, spread = 0.0, 0.0
+    for k in range(1, len(entries)):
+        d = ((rec[k] - rec[0]) - (true[k] - true[0]))[sel]
+        err = max(err, float(np.sqrt(np.mean(d ** 2))))
+        spread = max(spread, float(np.sqrt(np.mean((true[k] - true[0])[sel] ** 2))))
+    return err, spread
+
+
+def i2d_residual_rms(i2d):
+    """RMS of (i2d - true sky) after removing one plane common to the mosaic.
+
+    Matching leaves one polynomial common to all exposures (the absolute
+    background is not determined), so a plane is fitted and removed; what
+    remains is noise, source resampling errors, and seams.
+    """
+    ra, dec = grid_sky(i2d)
+    resid = np.asarray(i2d.data, dtype=float) - ph.sky_model(ra, dec)
+    good = np.isfinite(resid) & (np.asarray(i2d.wht) > 0)
+    y, x = np.nonzero(good)
+    a = np.column_stack([np.ones_like(x), x, y]).astype(float)
+    sol, *_ = np.linalg.lstsq(a, resid[good], rcond=None)
+    return float(np.sqrt(np.mean((resid[good] - a @ sol) ** 2)))
+
+
+def singles_seam_rms(cal_files, out_dir):
+    """Seam RMS: resample the (corrected) cal exposures one by one onto one
+    grid with jwst's resample (single mode: any pending skymatch level is
+    subtracted, as in the i2d) and take the RMS of their overlap differences."""
+    from jwst.resample import ResampleStep
+
+    lib = ResampleStep.call(sorted(cal_files), single=True, output_dir=out_dir)
+    models = []
+    with lib:
+        for k in range(len(lib)):
+            m = lib.borrow(k)
+            models.append(m.copy())
+            lib.shelve(m, k, modify=False)
+    return ph.overlap_seam_rms(models)
+
+
+# ----------------------------------------------------------------------
+# 1. wiimatch as a post-hook of resample (single=True)
+# ----------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["cmdline", "config", "config_degree2"])
+def test_hook_on_resampled_singles(field, tmp_path, how):
+    out = tmp_path / "out"
+    out.mkdir()
+    degree = 1
+    if how == "cmdline":
+        args = ["calwebb_image3", field, "--steps.skymatch.skip=true",
+                "--steps.resample.single=true",
+                "--steps.resample.post_hooks=jwst_wiimatch.step.WiiMatchStep,"]
+    elif how == "config":
+        args = [config_path("calwebb_image3_wiimatch_hook.asdf"), field]
+    else:
+        # the hook's parameters are read from the configuration file
+        with open(config_path("calwebb_image3_wiimatch_hook.asdf")) as fh:
+            text = fh.read()
+        assert "WiiMatchStep(degree=1," in text
+        conf = tmp_path / "hook_degree2.asdf"
+        conf.write_text(text.replace("WiiMatchStep(degree=1,", "WiiMatchStep(degree=2,"))
+        args = [str(conf), field]
+        degree = 2
+    run_cmdline(args + SKIP_ARGS + [f"--output_dir={out}"])
+
+    files = sorted(glob.glob(str(out / "wiifield_*_i2d.fits")))
+    assert len(files) == 4
+    models = [open_model(f) for f in files]
+    ra, dec = grid_sky(models[0])
+    covered = np.zeros(models[0].data.shape, dtype=bool)
+    for m in models:
+        assert m.meta.cal_step.wiimatch == "COMPLETE"
+        assert m.meta.background.method == "wiimatch"
+        assert m.meta.background.subtracted is False  # the hook only records
+        assert m.meta.wiimatch.instance["degree"] == [degree, degree]
+        covered |= np.isfinite(m.data)
+    # wiifield_<k>_i2d is exposure group k, in association order
+    entries = [entry_of(m) for m in models]
+    err, spread = difference_error(entries, ra, dec, covered)
+    assert spread > 10 * TOL
+    # degree 2 fits 9 terms per exposure to the same noise (and extrapolates
+    # them over each footprint): its errors are larger
+    assert err < (TOL if degree == 1 else 3 * TOL), (err, spread)
+
+
+# ----------------------------------------------------------------------
+# 2. wiimatch in place of skymatch: WiiMatchImage3Pipeline
+# ----------------------------------------------------------------------
+def check_sky_slot_outputs(field, out, degree=(1, 1), subtracted=True):
+    """Checks on the saved skymatch-slot outputs; returns their paths."""
+    files = sorted(glob.glob(os.path.join(out, "*_cal_wiimatch.fits")))
+    assert len(files) == 4
+    folder = os.path.dirname(field)
+    entries, ras, decs = [], [], []
+    for k, path in enumerate(files):
+        m = open_model(path)
+        raw = open_model(os.path.join(folder, os.path.basename(path).replace(
+            "_cal_wiimatch", "_cal")))
+        assert m.meta.cal_step.wiimatch == "COMPLETE"
+        assert m.meta.background.method == "wiimatch"
+        assert m.meta.background.subtracted is subtracted
+        assert m.meta.wiimatch.instance["degree"] == list(degree)
+        info = entry_of(m)
+        entries.append(info)
+        # on its own detector grid, through its own WCS
+        ra, dec = grid_sky(m)
+        bkg = poly_at(info, ra, dec)
+        good = np.isfinite(raw.data)
+        removed = (np.asarray(raw.data, float) - np.asarray(m.data, float))[good]
+        expect = bkg[good] if subtracted else np.zeros(np.count_nonzero(good))
+        np.testing.assert_allclose(removed, expect, atol=2e-6)
+        ras.append(ra)
+        decs.append(dec)
+    # recovered differences, on the pixels of every exposure
+    ra, dec = np.concatenate([r.ravel() for r in ras]), np.concatenate(
+        [d.ravel() for d in decs])
+    err, spread = difference_error(entries, ra, dec, np.ones(ra.shape, dtype=bool))
+    assert spread > 10 * TOL
+    assert err < TOL, (err, spread)
+    return files
+
+
+def test_sky_slot_config_file_and_cmdline_parameters(field, tmp_path):
+    out = str(tmp_path)
+    run_cmdline([config_path("calwebb_image3_wiimatch.asdf"), field, *SKIP_ARGS,
+                 "--steps.skymatch.save_results=true", f"--output_dir={out}"])
+    assert os.path.isfile(os.path.join(out, "wiifield_i2d.fits"))
+    check_sky_slot_outputs(field, out)
+
+    # parameters from the command line override the configuration file
+    out2 = str(tmp_path / "deg0")
+    os.makedirs(out2)
+    run_cmdline([config_path("calwebb_image3_wiimatch.asdf"), field, *SKIP_ARGS,
+                 "--steps.skymatch.save_results=true", "--steps.skymatch.degree=0",
+                 "--steps.skymatch.subtract=false", f"--output_dir={out2}"])
+    for path in glob.glob(os.path.join(out2, "*_cal_wiimatch.fits")):
+        m = open_model(path)
+        assert m.meta.wiimatch.instance["degree"] == [0, 0]
+        assert m.meta.background.subtracted is False
+        assert len(entry_of(m)["coefficients"]) == 1
+
+
+def test_seams_wiimatch_vs_skymatch(field, flat_field, tmp_path):
+    """Acceptance: the i2d made with wiimatch in skymatch's place has seams at
+    the noise level; jwst's skymatch (constants) leaves the gradients."""
+    from jwst.pipeline import Image3Pipeline
+
+    from jwst_wiimatch.pipeline import WiiMatchImage3Pipeline
+
+    runs = {}
+    for label, cls, asn in (("wiimatch", WiiMatchImage3Pipeline, field),
+                            ("skymatch", Image3Pipeline, field),
+                            ("no_background", Image3Pipeline, flat_field)):
+        out = tmp_path / label
+        out.mkdir()
+        # outlier_detection runs too: it needs no reference file
+        steps = {"tweakreg": {"skip": True}, "source_catalog": {"skip": True},
+                 "skymatch": {"save_results": True}}
+        cls.call(asn, output_dir=str(out), save_results=True, steps=steps)
+        i2d = open_model(str(out / "wiifield_i2d.fits"))
+        corrected = glob.glob(str(out / "*_*match.fits"))
+        assert len(corrected) == 4
+        runs[label] = {
+            "i2d": i2d_residual_rms(i2d),
+            "seams": singles_seam_rms(corrected, str(out)),
+        }
+    raw = glob.glob(os.path.join(os.path.dirname(field), "*_cal.fits"))
+    runs["none"] = {"seams": singles_seam_rms(raw, str(tmp_path))}
+    for label, r in runs.items():
+        print(f"{label:14s} " + " ".join(f"{k}={v:.5f}" for k, v in r.items()))
+
+    floor = runs["no_background"]
+    # without matching the seams are large; skymatch removes the offsets but
+    # not the gradients; wiimatch brings them to the noise level
+    assert runs["none"]["seams"] > 10 * floor["seams"]
+    assert runs["skymatch"]["seams"] > 2 * floor["seams"]
+    assert runs["wiimatch"]["seams"] < 1.1 * floor["seams"]
+    assert runs["skymatch"]["i2d"] > 2 * floor["i2d"]
+    assert runs["wiimatch"]["i2d"] < 1.1 * floor["i2d"]
+
+
+def test_sky_step_standalone_on_disk_matches_in_memory(field, tmp_path, monkeypatch):
+    from jwst.datamodels import ModelLibrary
+
+    from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+    monkeypatch.chdir(tmp_path)  # on-disk libraries put temporary files here
+    results = {}
+    for in_memory in (True, False):
+        lib = WiiMatchSkyStep.call(field, in_memory=in_memory)
+        assert isinstance(lib, ModelLibrary)
+        coefs = []
+        with lib:
+            for k in range(len(lib)):
+                m = lib.borrow(k)
+                coefs.append(entry_of(m)["coefficients"])
+                assert m.meta.background.subtracted is True
+                lib.shelve(m, k, modify=False)
+        results[in_memory] = np.array(coefs)
+    np.testing.assert_allclose(results[True], results[False], rtol=1e-6, atol=1e-9)
+    # the input files are untouched
+    m = open_model(glob.glob(os.path.join(os.path.dirname(field), "*_cal.fits"))[0])
+    assert "wiimatch" not in m.meta.cal_step.instance
+
+
+def test_pipeline_on_disk(field, tmp_path, monkeypatch, caplog):
+    """The pipeline's --in_memory=false reaches the skymatch-slot step."""
+    monkeypatch.chdir(tmp_path)  # on-disk libraries put temporary files here
+    out = tmp_path / "out"
+    out.mkdir()
+    caplog.set_level("INFO", logger="jwst_wiimatch")
+    run_cmdline(["jwst_wiimatch.pipeline.WiiMatchImage3Pipeline", field, *SKIP_ARGS,
+                 "--in_memory=false", "--steps.skymatch.save_results=true",
+                 f"--output_dir={out}"])
+    assert os.path.isfile(out / "wiifield_i2d.fits")
+    assert "common-grid images kept on disk" in caplog.text
+    check_sky_slot_outputs(field, str(out))
+
+
+def test_sky_step_exposure_groups(tmp_path, caplog):
+    """Two detectors per exposure: one polynomial per exposure, evaluated and
+    subtracted on each detector through that detector's own WCS."""
+    from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+    asn = ph.write_field(str(tmp_path), n=3, detectors=2)
+    with caplog.at_level("INFO", logger="jwst_wiimatch"):
+        lib = WiiMatchSkyStep.call(asn)
+    assert "resampling 3 exposure groups" in caplog.text
+    by_exposure = {}
+    with lib:
+        for i in range(len(lib)):
+            m = lib.borrow(i)
+            k = int(m.meta.observation.exposure_number) - 1
+            raw = open_model(os.path.join(str(tmp_path), m.meta.filename))
+            info = entry_of(m)
+            ra, dec = grid_sky(m)
+            good = np.isfinite(raw.data)
+            removed = np.asarray(raw.data, float) - np.asarray(m.data, float)
+            np.testing.assert_allclose(removed[good], poly_at(info, ra, dec)[good],
+                                       atol=2e-6)
+            by_exposure.setdefault(k, []).append((info, ra, dec))
+            lib.shelve(m, i, modify=False)
+    assert sorted(by_exposure) == [0, 1, 2]
+    for members in by_exposure.values():
+        assert len(members) == 2
+        assert members[0][0]["coefficients"] == members[1][0]["coefficients"]
+    ra = np.concatenate([d[1].ravel() for v in by_exposure.values() for d in v])
+    dec = np.concatenate([d[2].ravel() for v in by_exposure.values() for d in v])
+    entries = [by_exposure[k][0][0] for k in range(3)]
+    err, spread = difference_error(entries, ra, dec, np.ones(ra.shape, dtype=bool))
+    assert spread > 10 * TOL
+    assert err < TOL, (err, spread)
+
+
+def test_sky_step_standalone_inputs(field, tmp_path):
+    """A list of cal models is left unchanged; strun of the step's class path
+    on an association saves <member>_wiimatch.fits."""
+    from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+    raw = sorted(glob.glob(os.path.join(os.path.dirname(field), "*_cal.fits")))
+    models = [open_model(p) for p in raw]
+    before = [m.data.copy() for m in models]
+    lib = WiiMatchSkyStep.call(models, degree=1)
+    for m, d in zip(models, before):
+        np.testing.assert_array_equal(m.data, d)
+        assert "wiimatch" not in m.meta.cal_step.instance
+    with lib:
+        for k in range(len(lib)):
+            m = lib.borrow(k)
+            assert m.meta.background.subtracted is True
+            assert not np.allclose(m.data, before[k], equal_nan=True)
+            lib.shelve(m, k, modify=False)
+
+    run_cmdline(["jwst_wiimatch.pipeline.WiiMatchSkyStep", field, f"--output_dir={tmp_path}"])
+    check_sky_slot_outputs(field, str(tmp_path))
+
+
+def test_sky_step_coarser_common_grid(field):
+    """pixel_scale_ratio=2: a 4 times smaller common grid, same recovery."""
+    from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+    lib = WiiMatchSkyStep.call(field, pixel_scale_ratio=2.0)
+    entries, ras, decs = [], [], []
+    with lib:
+        for k in range(len(lib)):
+            m = lib.borrow(k)
+            assert m.meta.wiimatch.instance["npix"] < 1200  # ~3000-3900 at ratio 1
+            entries.append(entry_of(m))
+            ra, dec = grid_sky(m)
+            ras.append(ra.ravel())
+            decs.append(dec.ravel())
+            lib.shelve(m, k, modify=False)
+    ra, dec = np.concatenate(ras), np.concatenate(decs)
+    err, spread = difference_error(entries, ra, dec, np.ones(ra.shape, dtype=bool))
+    assert spread > 10 * TOL
+    assert err < TOL, (err, spread)
+
+
+def test_sky_step_single_exposure_is_skipped(field):
+    from jwst.datamodels import ModelLibrary
+
+    from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+    raw = sorted(glob.glob(os.path.join(os.path.dirname(field), "*_cal.fits")))[:1]
+    lib = WiiMatchSkyStep.call(ModelLibrary(raw))
+    with lib:
+        m = lib.borrow(0)
+        assert m.meta.cal_step.wiimatch == "SKIPPED"
+        assert "at least two" in m.meta.wiimatch.instance["reason"]
+        lib.shelve(m, 0, modify=False)
+
+
+def _strun(args, cwd, extra_path=()):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO, *extra_path, env.get("PYTHONPATH", "")])
+    strun = os.path.join(os.path.dirname(sys.executable), "strun")
+    return subprocess.run([strun, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_strun_class_path(field, tmp_path):
+    proc = _strun(["jwst_wiimatch.pipeline.WiiMatchImage3Pipeline", field, *SKIP_ARGS,
+                   "--steps.skymatch.degree=1", "--steps.skymatch.save_results=true",
+                   f"--output_dir={tmp_path}"], cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "wiifield_i2d.fits")
+    check_sky_slot_outputs(field, str(tmp_path))
+
+
+def test_strun_alias(field, tmp_path):
+    """``strun calwebb_image3_wiimatch`` through the ``stpipe.steps`` entry point.
+
+    When the package is not installed, the entry point of pyproject.toml is
+    declared by a minimal distribution metadata folder on PYTHONPATH.
+    """
+    from importlib.metadata import entry_points
+
+    extra = []
+    if "jwst_wiimatch" not in [ep.name for ep in entry_points(group="stpipe.steps")]:
+        meta = tmp_path / "ep" / "jwst_wiimatch_entry_probe-0.0.dist-info"
+        meta.mkdir(parents=True)
+        (meta / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: jwst-wiimatch-entry-probe\nVersion: 0.0\n")
+        (meta / "entry_points.txt").write_text(
+            "[stpipe.steps]\njwst_wiimatch = jwst_wiimatch.integration:get_steps\n")
+        extra.append(str(tmp_path / "ep"))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = _strun(["calwebb_image3_wiimatch", field, *SKIP_ARGS,
+                   "--steps.skymatch.degree=0", f"--output_dir={out}"],
+                  cwd=str(tmp_path), extra_path=extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(out / "wiifield_i2d.fits")
+    assert "WiiMatchSkyStep" in proc.stderr + proc.stdout
