@@ -58,44 +58,6 @@ html_theme_options = {
 html_title = f"jwst-wiimatch {release}"
 
 
-# The calwebb pipeline integration (page docs/pipeline.rst, module
-# jwst_wiimatch.pipeline) comes from another branch and needs jwst, which the
-# documentation build does without: autodoc imports the module with jwst
-# mocked.
+# The calwebb pipeline integration (jwst_wiimatch.pipeline) needs jwst, which
+# the documentation build does without: autodoc imports it with jwst mocked.
 autodoc_mock_imports = ["jwst"]
-
-_PIPELINE_API = """
-
-calwebb pipeline integration
-----------------------------
-
-Needs jwst (``pip install "jwst-wiimatch[jwst]"``).
-
-.. automodule:: jwst_wiimatch.pipeline
-   :members:
-"""
-
-
-def _optional_parts(app, docname, source):
-    """Add the calwebb pipeline page and API once they exist.
-
-    * ``pipeline`` goes into the toctree of ``index.rst``, right after
-      ``step``, when ``docs/pipeline.rst`` exists;
-    * the API page documents ``jwst_wiimatch.pipeline`` when that module exists.
-
-    Until the pipeline branch is merged the site builds without them: a
-    toctree entry for a missing page, an empty glob or a failed import would
-    be a warning, and so an error with ``-W``.
-    """
-    text = source[0]
-    if docname == "index" and (DOCS / "pipeline.rst").exists():
-        if "\n   pipeline\n" not in text:
-            text = text.replace("\n   step\n", "\n   step\n   pipeline\n", 1)
-    if docname == "api" and (DOCS.parent / "jwst_wiimatch" / "pipeline.py").exists():
-        if "jwst_wiimatch.pipeline" not in text:
-            text += _PIPELINE_API
-    source[0] = text
-
-
-def setup(app):
-    app.connect("source-read", _optional_parts)
