@@ -37,7 +37,7 @@ from stpipe.datamodel import AbstractDataModel
 
 from . import adapters
 from .core.inputs import check_solver
-from .step import WiiMatchStep
+from .step import WiiMatchStep, library_copies
 
 __all__ = ["WiiMatchSkyStep", "WiiMatchImage3Pipeline"]
 
@@ -134,7 +134,7 @@ class WiiMatchSkyStep(WiiMatchStep):
         if isinstance(data, ModelLibrary):
             if self.parent is None and not getattr(data, "_on_disk", False):
                 # standalone: never change the caller's models
-                return ModelLibrary(_copies(data), on_disk=False)
+                return ModelLibrary(library_copies(data), on_disk=False)
             return data
         if isinstance(data, (str, os.PathLike)):
             return ModelLibrary(os.fspath(data), on_disk=on_disk)
@@ -246,16 +246,6 @@ class WiiMatchSkyStep(WiiMatchStep):
 
 def _num(value):
     return np.nan if value is None else float(value)
-
-
-def _copies(library):
-    models = []
-    with library:
-        for k in range(len(library)):
-            m = library.borrow(k)
-            models.append(m.copy())
-            library.shelve(m, k, modify=False)
-    return models
 
 
 def _disk_library(paths, tmpdir):

@@ -216,15 +216,20 @@ def _is_model_container(obj):
             and type(obj).__name__ == "ModelContainer")
 
 
-def _copy_library(lib):
-    """New library of the same class holding copies of the models."""
+def library_copies(lib):
+    """Copies of the models of a model library, in order (the library is unchanged)."""
     models = []
     with lib:
         for k in range(len(lib)):
             m = lib.borrow(k)
             models.append(m.copy())
             lib.shelve(m, k, modify=False)
-    return type(lib)(models)
+    return models
+
+
+def _copy_library(lib):
+    """New library of the same class holding copies of the models."""
+    return type(lib)(library_copies(lib))
 
 
 def _open_model(path, what):
