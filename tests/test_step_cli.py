@@ -91,9 +91,21 @@ def test_entry_point_function():
     from jwst_wiimatch.integration import get_steps
     from stpipe.utilities import import_class
 
-    (name, alias, is_pipeline), = get_steps()
-    assert alias == "wiimatch" and is_pipeline is False
+    import importlib.util
+
     from stpipe import Step
 
+    steps = get_steps()
+    name, alias, is_pipeline = steps[0]
+    assert alias == "wiimatch" and is_pipeline is False
     cls = import_class(name, subclassof=Step)
     assert cls.class_alias == "wiimatch"
+    # the calwebb pipeline is offered exactly when jwst can be imported
+    has_jwst = importlib.util.find_spec("jwst") is not None
+    assert len(steps) == (2 if has_jwst else 1)
+    if has_jwst:
+        from stpipe import Pipeline
+
+        name, alias, is_pipeline = steps[1]
+        assert alias == "calwebb_image3_wiimatch" and is_pipeline is True
+        assert issubclass(import_class(name, subclassof=Pipeline), Pipeline)
