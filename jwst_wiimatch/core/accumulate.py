@@ -188,7 +188,7 @@ def _contract_separable(arr, axis_powers, sub):
 
 
 # Pairs whose weights are stacked into one matrix product (world coordinates).
-PAIR_BATCH = 8
+PAIR_BATCH = 32
 
 
 class _Accumulator:
@@ -208,8 +208,8 @@ class _Accumulator:
         """Monomials of the block's scaled world coordinates.
 
         Returns ``phi`` (``R x npix``: ``u**r`` for every ``r <= 2 D``, C order
-        over ``(r_x, r_y, ...)``), ``phi_d`` (``M x npix``: ``r <= D``) and the
-        mask of pixels whose coordinates are finite (block shape).
+        over ``(r_x, r_y, ...)``) and the mask of pixels whose coordinates are
+        finite (block shape).
         """
         u = self.frame.block_u(bslices)
         ok = np.ones(u[0].shape, dtype=bool)
@@ -220,9 +220,7 @@ class _Accumulator:
         for j, a in enumerate(u):
             p = _powers(np.where(ok, a, 0.0).ravel(), self.mdeg[j])
             phi = (phi[:, None, :] * p[None, :, :]).reshape(-1, npix)
-        full = phi.reshape(tuple(d + 1 for d in self.mdeg) + (npix,))
-        phi_d = np.ascontiguousarray(full[self.dsl]).reshape(-1, npix)
-        return phi, phi_d, ok
+        return phi, ok
 
     def block(self, bslices):
         n = self.n
@@ -240,9 +238,9 @@ class _Accumulator:
         if not boxes:
             return res
 
-        phi = phi_d = ok = None
+        phi = ok = None
         if not self.frame.separable and len(boxes) > 1:
-            phi, phi_d, ok = self._world_monomials(bslices)
+            phi, ok = self._world_monomials(bslices)
 
         active = []
         count = np.zeros([hi - lo for lo, hi in block_box], dtype=np.int32)
@@ -287,24 +285,27 @@ class _Accumulator:
             bshape = ok.shape
             rowlen = int(np.prod(bshape[1:]))
             mshape = tuple(2 * d + 1 for d in self.deg)
-            dshape = tuple(d + 1 for d in self.deg)
+            # flat indices, among the moments r <= 2D, of the data terms p <= D
+            dcols = np.ravel_multi_index(
+                tuple(np.array(list(np.ndindex(*[d + 1 for d in self.deg]))).T), mshape)
             for start in range(0, len(pairs), PAIR_BATCH):
                 chunk = pairs[start:start + PAIR_BATCH]
+                nc = len(chunk)
                 # rows (first numpy axis) of the block that this chunk touches
                 r0 = min(pb[0][0] for _, pb, _, _, _ in chunk) - origin[0]
                 r1 = max(pb[0][1] for _, pb, _, _, _ in chunk) - origin[0]
-                wb = np.zeros((2, len(chunk), r1 - r0) + bshape[1:])
+                wb = np.zeros((2, nc, r1 - r0) + bshape[1:])
                 chis = []
                 for i, (key, pbox, il, im, npix) in enumerate(chunk):
                     sub = (slice(None), i) + _slices(pbox, (origin[0] + r0,) + origin[1:])
                     chis.append(_weights(il, im, wb[sub]))
-                wb = wb.reshape(2, len(chunk), -1)
-                cols = slice(r0 * rowlen, r1 * rowlen)
-                s_mom = wb[0] @ phi[:, cols].T
-                t_mom = wb[1] @ phi_d[:, cols].T
+                # one product for the weights and the weighted differences of
+                # every pair of the chunk: the monomials are read once
+                mom = wb.reshape(2 * nc, -1) @ phi[:, r0 * rowlen:r1 * rowlen].T
                 for i, (key, pbox, il, im, npix) in enumerate(chunk):
-                    res.add_pair(key, s_mom[i].reshape(mshape), t_mom[i].reshape(dshape),
-                                chis[i], npix)
+                    res.add_pair(key, mom[i].reshape(mshape),
+                                 mom[nc + i][dcols].reshape(tuple(d + 1 for d in self.deg)),
+                                 chis[i], npix)
         return res
 
 
