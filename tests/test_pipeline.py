@@ -130,14 +130,10 @@ def singles_seam_rms(cal_files, out_dir):
     subtracted, as in the i2d) and take the RMS of their overlap differences."""
     from jwst.resample import ResampleStep
 
+    from jwst_wiimatch.step import library_copies
+
     lib = ResampleStep.call(sorted(cal_files), single=True, output_dir=out_dir)
-    models = []
-    with lib:
-        for k in range(len(lib)):
-            m = lib.borrow(k)
-            models.append(m.copy())
-            lib.shelve(m, k, modify=False)
-    return ph.overlap_seam_rms(models)
+    return ph.overlap_seam_rms(library_copies(lib))
 
 
 # ----------------------------------------------------------------------

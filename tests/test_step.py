@@ -49,13 +49,9 @@ def check_recovery(models_in, models_out, truths, ref, tol=TOL, min_spread=10):
 
 
 def library_models(lib):
-    out = []
-    with lib:
-        for k in range(len(lib)):
-            m = lib.borrow(k)
-            out.append(m.copy())
-            lib.shelve(m, k, modify=False)
-    return out
+    from jwst_wiimatch.step import library_copies
+
+    return library_copies(lib)
 
 
 # ----------------------------------------------------------------------
