@@ -20,6 +20,7 @@ import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -191,6 +192,16 @@ def _contract_separable(arr, axis_powers, sub):
 PAIR_BATCH = 32
 
 
+class _Pair(NamedTuple):
+    """A pair of images overlapping in a block: what its sums need."""
+
+    key: tuple  # (l, m), l < m
+    box: tuple  # intersection of the two images' boxes, grid coordinates
+    img_l: tuple  # (data, variance) of image l over the box
+    img_m: tuple
+    npix: int  # pixels valid in both
+
+
 class _Accumulator:
     def __init__(self, prob, frame, bboxes):
         self.prob = prob
@@ -259,7 +270,7 @@ class _Accumulator:
             count[_slices(box, origin)] += valid
             active.append((l, box, d, var, valid))
 
-        for l, box, d, var, valid in active:
+        for l, box, _, _, valid in active:
             res.image_npix[l] += np.count_nonzero(valid & (count[_slices(box, origin)] > 1))
 
         pairs = []
@@ -271,16 +282,16 @@ class _Accumulator:
             sl_m = _slices(pbox, [lo for lo, _ in bm])
             npix = int(np.count_nonzero(ql[sl_l] & qm[sl_m]))
             if npix:
-                pairs.append(((l, m), pbox, (dl[sl_l], vl[sl_l]), (dm[sl_m], vm[sl_m]), npix))
+                pairs.append(_Pair((l, m), pbox, (dl[sl_l], vl[sl_l]), (dm[sl_m], vm[sl_m]), npix))
         if not pairs:
             return res
 
         if self.frame.separable:
-            for key, pbox, il, im, npix in pairs:
-                buf = np.empty((2,) + il[0].shape)
-                chi = _weights(il, im, buf)
-                mom = _contract_separable(buf, self.axis_powers, _slices(pbox))
-                res.add_pair(key, mom[0], mom[1][(Ellipsis,) + self.dsl], chi, npix)
+            for p in pairs:
+                buf = np.empty((2,) + p.img_l[0].shape)
+                chi = _weights(p.img_l, p.img_m, buf)
+                mom = _contract_separable(buf, self.axis_powers, _slices(p.box))
+                res.add_pair(p.key, mom[0], mom[1][(Ellipsis,) + self.dsl], chi, p.npix)
         else:
             bshape = ok.shape
             rowlen = int(np.prod(bshape[1:]))
@@ -292,20 +303,20 @@ class _Accumulator:
                 chunk = pairs[start:start + PAIR_BATCH]
                 nc = len(chunk)
                 # rows (first numpy axis) of the block that this chunk touches
-                r0 = min(pb[0][0] for _, pb, _, _, _ in chunk) - origin[0]
-                r1 = max(pb[0][1] for _, pb, _, _, _ in chunk) - origin[0]
+                r0 = min(p.box[0][0] for p in chunk) - origin[0]
+                r1 = max(p.box[0][1] for p in chunk) - origin[0]
                 wb = np.zeros((2, nc, r1 - r0) + bshape[1:])
                 chis = []
-                for i, (key, pbox, il, im, npix) in enumerate(chunk):
-                    sub = (slice(None), i) + _slices(pbox, (origin[0] + r0,) + origin[1:])
-                    chis.append(_weights(il, im, wb[sub]))
+                for i, p in enumerate(chunk):
+                    sub = (slice(None), i) + _slices(p.box, (origin[0] + r0,) + origin[1:])
+                    chis.append(_weights(p.img_l, p.img_m, wb[sub]))
                 # one product for the weights and the weighted differences of
                 # every pair of the chunk: the monomials are read once
                 mom = wb.reshape(2 * nc, -1) @ phi[:, r0 * rowlen:r1 * rowlen].T
-                for i, (key, pbox, il, im, npix) in enumerate(chunk):
-                    res.add_pair(key, mom[i].reshape(mshape),
-                                 mom[nc + i][dcols].reshape(tuple(d + 1 for d in self.deg)),
-                                 chis[i], npix)
+                dshape = tuple(d + 1 for d in self.deg)
+                for i, p in enumerate(chunk):
+                    res.add_pair(p.key, mom[i].reshape(mshape),
+                                 mom[nc + i][dcols].reshape(dshape), chis[i], p.npix)
         return res
 
 
