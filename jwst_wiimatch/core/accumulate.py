@@ -141,6 +141,10 @@ def _prepare_image(prob, l, box):
         valid &= fin
     if sb is not None:
         valid &= sb > SIGMA_MIN
+    if valid.all():  # common inside a footprint: plain conversions
+        d = src.astype(np.float64)
+        var = np.full(src.shape, s * s) if sb is None else np.square(sb, dtype=np.float64)
+        return d, var, valid, nonfinite
     d = np.zeros(src.shape)
     np.copyto(d, src, where=valid)
     var = np.full(src.shape, np.inf)
