@@ -27,6 +27,8 @@ version = ".".join(release.split(".")[:2])
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.mathjax",
+    # ships MathJax with the site, so the math renders without network access
+    "sphinx-mathjax-offline",
     "sphinx.ext.intersphinx",
     "numpydoc",
 ]
@@ -45,8 +47,8 @@ numpydoc_validation_checks = set()
 autodoc_default_options = {"member-order": "bysource"}
 autodoc_typehints = "none"
 
-# MathJax is loaded by the reader's browser when a page is viewed; the build
-# itself downloads nothing.
+# MathJax comes from the sphinx-mathjax-offline package and is copied into the
+# site: neither the build nor a reader's browser downloads anything.
 
 exclude_patterns = ["_build"]
 
