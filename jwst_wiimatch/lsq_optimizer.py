@@ -7,8 +7,8 @@ in well-scaled coordinates and converts the solution, which is more accurate.
 """
 import numpy as np
 
-from .core.engine import build_moments, documented_equations, full_coordinates
-from .core.solve import solve_system
+from .core.engine import build_moments, documented_equations
+from .core.solve import pinv_tol, solve_system
 
 __all__ = ["build_lsq_eqs", "rlu_solve", "pinv_solve"]
 
@@ -47,10 +47,7 @@ def build_lsq_eqs(images, masks, sigmas, degree, center=None, image2world=None,
     prob, frame, mom = build_moments(images, masks, sigmas, degree, center=center,
                                      image2world=image2world, center_cs=center_cs)
     a, b = documented_equations(frame, mom, prob.degree)
-    coords, eff_center, coord_system = (
-        full_coordinates(frame, center, image2world, center_cs),
-        frame.eff_center, frame.coord_system)
-    return a, b, coords, eff_center, coord_system
+    return a, b, frame.coordinates(), frame.eff_center, frame.coord_system
 
 
 def rlu_solve(matrix, free_term, nimages):
@@ -101,7 +98,6 @@ def pinv_solve(matrix, free_term, nimages, tol=None):
     """
     matrix = np.asarray(matrix)
     if tol is None:
-        kind = matrix.dtype if matrix.dtype.kind == "f" else np.dtype(float)
-        tol = np.finfo(kind).eps ** (2.0 / 3.0)
+        tol = pinv_tol(matrix.dtype)
     coef, _ = solve_system(matrix, free_term, nimages, method="PINV", tol=tol)
     return coef

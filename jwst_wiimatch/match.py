@@ -5,7 +5,7 @@ signature, conventions and return values, with its defects fixed (see the
 documentation, "Differences from wiimatch 0.3.2"), and a cost that follows the
 pixels where images overlap.
 """
-from .core.engine import full_coordinates, match_backgrounds
+from .core.engine import match_backgrounds
 from .core.inputs import SOLVERS
 
 __all__ = ["match_lsq", "SUPPORTED_SOLVERS"]
@@ -107,5 +107,4 @@ def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
     if not ext_return:
         return res.coef
     a, b = res.equations()
-    coords = full_coordinates(res.frame, center, image2world, center_cs)
-    return res.coef, a, b, coords, res.eff_center, res.coord_system
+    return res.coef, a, b, res.frame.coordinates(), res.eff_center, res.coord_system

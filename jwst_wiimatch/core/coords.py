@@ -91,6 +91,10 @@ class Frame:
         x = np.arange(n, dtype=float) - self.eff_center[j]
         return (x - self.shift[j]) / self.scale[j]
 
+    def coordinates(self):
+        """Coordinates ``X`` of every pixel of the grid (what ``ext_return`` gives)."""
+        return _grid_coordinates(self.shape, self.image2world, self.eff_center)
+
     def block_u(self, slices):
         """Scaled coordinates of a block of the grid (world frames).
 
@@ -112,6 +116,15 @@ class Frame:
             ((w - c - s0) / s1).reshape(bshape)
             for w, c, s0, s1 in zip(world, self.eff_center, self.shift, self.scale)
         ]
+
+
+def _grid_coordinates(shape, image2world, eff_center):
+    """Coordinates ``X = C - eff_center`` of every pixel of the grid, ``(x, y, ...)`` order."""
+    ind = list(np.indices(shape, dtype=float)[::-1])
+    if image2world is not None:
+        ind = [w.reshape(shape) for w in call_image2world(
+            image2world, [a.ravel() for a in ind], len(shape))]
+    return tuple(a - c for a, c in zip(ind, eff_center))
 
 
 def _resolve_center(shape, center, image2world, center_cs):
@@ -221,11 +234,5 @@ def create_coordinate_arrays(image_shape, center=None, image2world=None,
 
     center = check_center(center, len(shape))
     eff_center = _resolve_center(shape, center, image2world, center_cs)
-    ind = [a for a in np.indices(shape, dtype=float)[::-1]]
-    if image2world is not None:
-        ind = [w.reshape(shape) for w in call_image2world(
-            image2world, [a.ravel() for a in ind], len(shape))]
-        coord_system = "world"
-    else:
-        coord_system = "image"
-    return tuple(a - c for a, c in zip(ind, eff_center)), eff_center, coord_system
+    coord_system = "image" if image2world is None else "world"
+    return _grid_coordinates(shape, image2world, eff_center), eff_center, coord_system

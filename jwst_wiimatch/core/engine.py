@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .accumulate import accumulate
-from .coords import create_coordinate_arrays, make_frame
+from .coords import make_frame
 from .inputs import check_center, check_inputs, check_solver
 from .poly import coef_from_scaled, moments_to_basis
-from .solve import MatchWarning, assemble, gram_index, solve_system
+from .solve import MatchWarning, assemble, gram_index, pinv_tol, solve_system
 
 __all__ = ["MatchResult", "match_backgrounds"]
 
@@ -156,11 +156,7 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
                                      threads=threads)
     n = len(prob.images)
     a_u, b_u = assemble(n, prob.degree, mom.S, mom.T)
-    if method == "PINV":
-        dtype = prob.images[0].dtype
-        tol = np.finfo(dtype if dtype.kind == "f" else np.float64).eps ** (2.0 / 3.0)
-    else:
-        tol = None
+    tol = pinv_tol(prob.images[0].dtype) if method == "PINV" else None
     coef_u, info = solve_system(a_u, b_u, n, method=method, tol=tol, degree=prob.degree)
     coef = coef_from_scaled(coef_u, prob.degree, frame.shift, frame.scale)
     rms, rms_before, pair_npix = _residuals(mom, coef_u, prob.degree)
@@ -172,9 +168,3 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         rms=rms, rms_before=rms_before, components=info.components,
         isolated=info.isolated, undetermined=info.undetermined, frame=frame, moments=mom)
 
-
-def full_coordinates(frame, center, image2world, center_cs):
-    """Full-grid coordinate arrays of a frame (what ``ext_return`` gives)."""
-    coords, _, _ = create_coordinate_arrays(frame.shape, center=center,
-                                            image2world=image2world, center_cs=center_cs)
-    return coords

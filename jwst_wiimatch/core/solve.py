@@ -47,6 +47,12 @@ class SolveInfo:
     undetermined: list = field(default_factory=list)  # (image, exponent tuple or index)
 
 
+def pinv_tol(dtype):
+    """wiimatch's PINV cut-off for data of ``dtype``: ``eps ** (2/3)`` (float64 for non-floats)."""
+    dtype = np.dtype(dtype)
+    return np.finfo(dtype if dtype.kind == "f" else np.float64).eps ** (2.0 / 3.0)
+
+
 def gram_index(degree):
     """Index arrays ``idx`` with ``S[idx][p, q] == S[p + q]`` for moment arrays ``S``."""
     e = exponents(degree)
@@ -153,7 +159,7 @@ def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=N
         raise ValueError("'matrix' and 'free_term' must be finite (they contain NaN or inf).")
     nterms = b.size // n
     if tol is None:
-        tol = np.finfo(float).eps ** (2.0 / 3.0)
+        tol = pinv_tol(np.float64)
     ids = list(range(n)) if image_ids is None else list(image_ids)
     coef = np.zeros((n, nterms))
     info = SolveInfo()
