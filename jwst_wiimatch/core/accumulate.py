@@ -69,10 +69,16 @@ class PairMoments:
         self.bad_coords += other.bad_coords
 
 
-def _valid_bbox(mask, shape):
-    """Bounding box (tuple of (start, stop)) of the nonzero pixels of ``mask``, or None."""
+def _valid_bbox(mask, shape, origin):
+    """Grid box (tuple of (start, stop)) of the nonzero pixels of ``mask``, or None.
+
+    ``mask`` (or None: all valid) has the image's ``shape``; the image's first
+    pixel sits at grid index ``origin``.
+    """
+    if any(n == 0 for n in shape):
+        return None
     if mask is None:
-        return tuple((0, n) for n in shape)
+        return tuple((o, o + n) for o, n in zip(origin, shape))
     nz = mask != 0
     box = []
     for k in range(nz.ndim):
@@ -80,7 +86,7 @@ def _valid_bbox(mask, shape):
         hit = np.flatnonzero(nz.any(axis=others)) if others else np.flatnonzero(nz)
         if hit.size == 0:
             return None
-        box.append((int(hit[0]), int(hit[-1]) + 1))
+        box.append((int(hit[0]) + origin[k], int(hit[-1]) + 1 + origin[k]))
     return tuple(box)
 
 
@@ -117,7 +123,7 @@ def _prepare_image(prob, l, box):
     is not <= 0, but whose data or sigma is NaN or infinite. The caller's
     arrays are only read (checks run on the input dtype, float32 stays cheap).
     """
-    sl = _slices(box)
+    sl = _slices(box, prob.origins[l])
     src = np.asarray(prob.images[l][sl])
     m = prob.masks[l]
     valid = np.ones(src.shape, dtype=bool) if m is None else np.asarray(m[sl]).astype(bool)
@@ -352,7 +358,8 @@ def accumulate(prob, frame, threads=None):
     PairMoments
     """
     n = len(prob.images)
-    bboxes = [_valid_bbox(m, prob.shape) for m in prob.masks]
+    bboxes = [_valid_bbox(m, im.shape, o)
+              for m, im, o in zip(prob.masks, prob.images, prob.origins)]
     acc = _Accumulator(prob, frame, bboxes)
 
     nmom = int(np.prod([2 * d + 1 for d in prob.degree]))

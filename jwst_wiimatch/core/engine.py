@@ -104,7 +104,7 @@ def _residuals(mom, coef_u, degree):
 
 
 def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
-                  center_cs="image", threads=None):
+                  center_cs="image", threads=None, origins=None, grid_shape=None):
     """Check the inputs and accumulate the pair moments.
 
     Returns
@@ -113,7 +113,8 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
     frame : jwst_wiimatch.core.coords.Frame
     moments : jwst_wiimatch.core.accumulate.PairMoments
     """
-    prob = check_inputs(images, masks, sigmas, degree)
+    prob = check_inputs(images, masks, sigmas, degree, origins=origins,
+                        grid_shape=grid_shape)
     center = check_center(center, len(prob.shape))
     frame = make_frame(prob.shape, center, image2world, center_cs)
     log.debug("accumulating %d images of shape %s, degree %s",
@@ -133,17 +134,46 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
 
 
 def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
-                      image2world=None, center_cs="image", solver="RLU", threads=None):
+                      image2world=None, center_cs="image", solver="RLU", threads=None,
+                      origins=None, grid_shape=None):
     """Match the backgrounds of images on one grid; full result with diagnostics.
 
     Takes the arguments of :func:`jwst_wiimatch.match.match_lsq` (without
     ``ext_return``) and returns a :class:`MatchResult`. See ``match_lsq`` for
-    the meaning of the arguments.
+    the meaning of the arguments. Images may also be given as *cutouts* of
+    the common grid (``origins``): each image is then only the box of the
+    grid it covers, which keeps memory proportional to the footprints.
 
     Parameters
     ----------
     threads : int, None
         Worker threads for the accumulation (default: CPU count, at most 4).
+    origins : sequence of sequence of int, None
+        Cutout input: ``origins[n]`` is the grid index, in numpy order, of
+        ``images[n][0, 0, ...]``, i.e. image ``n`` is the part
+        ``grid[o0:o0 + s0, o1:o1 + s1, ...]`` of the grid. Images may then
+        differ in shape (same number of dimensions); each mask and sigma
+        array has the shape of its image. Grid pixels outside an image's
+        cutout are not valid for that image. The result is identical to the
+        full-grid call with those pixels masked. ``center``, coordinates and
+        ``image2world`` refer to the whole grid, as in the full-grid call.
+    grid_shape : sequence of int, None
+        Shape of the grid (numpy order) for cutout input; default: the
+        smallest grid that holds every cutout. The default ``center`` is the
+        middle of this grid.
+
+    Examples
+    --------
+    Two 3 x 3 cutouts of a 4 x 6 grid, overlapping over a 2 x 2 box:
+
+    >>> import numpy as np
+    >>> a = np.full((3, 3), 1.0)
+    >>> b = np.full((3, 3), 3.0)
+    >>> r = match_backgrounds([a, b], origins=[(0, 0), (1, 1)], grid_shape=(4, 6))
+    >>> r.coef.ravel().round(12) + 0.0
+    array([-1.,  1.])
+    >>> int(r.pair_npix[0, 1])
+    4
 
     Returns
     -------
@@ -153,7 +183,8 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
     method = check_solver(solver)
     prob, frame, mom = build_moments(images, masks, sigmas, degree, center=center,
                                      image2world=image2world, center_cs=center_cs,
-                                     threads=threads)
+                                     threads=threads, origins=origins,
+                                     grid_shape=grid_shape)
     n = len(prob.images)
     a_u, b_u = assemble(n, prob.degree, mom.S, mom.T)
     tol = pinv_tol(prob.images[0].dtype) if method == "PINV" else None

@@ -10,7 +10,8 @@ from numbers import Integral, Real
 
 import numpy as np
 
-__all__ = ["Problem", "check_inputs", "check_degree", "check_center", "check_solver"]
+__all__ = ["Problem", "check_inputs", "check_degree", "check_center", "check_solver",
+           "check_origins"]
 
 SOLVERS = ("RLU", "PINV")
 
@@ -19,12 +20,13 @@ SOLVERS = ("RLU", "PINV")
 class Problem:
     """Validated inputs of one matching problem."""
 
-    images: list
-    masks: list  # entries: None (all valid) or an array of the grid's shape
-    sigmas: list  # entries: float (constant sigma) or an array of the grid's shape
+    images: list  # arrays on the grid, or cutouts of it (see ``origins``)
+    masks: list  # entries: None (all valid) or an array of its image's shape
+    sigmas: list  # entries: float (constant sigma) or an array of its image's shape
     has_sigmas: bool
-    shape: tuple
+    shape: tuple  # the grid's shape
     degree: tuple  # (x, y, ...) order
+    origins: list = None  # grid index (numpy order) of each image's first pixel
 
 
 def _as_real_array(x, what):
@@ -112,8 +114,72 @@ def check_center(center, ndim):
     return vals
 
 
-def check_inputs(images, masks, sigmas, degree):
+def check_origins(origins, grid_shape, shapes):
+    """Validate cutout origins (and the grid shape) for images of ``shapes``.
+
+    Returns
+    -------
+    origins : list of tuple of int
+        Grid index (numpy order) of each image's first pixel.
+    grid_shape : tuple of int
+    """
+    n, ndim = len(shapes), len(shapes[0])
+    if isinstance(origins, (str, bytes)) or not hasattr(origins, "__len__"):
+        raise TypeError(
+            f"'origins' must be None or a list of {n} index tuples (numpy order), the "
+            "grid position of each image's first pixel."
+        )
+    if len(origins) != n:
+        raise ValueError(
+            f"'origins' has {len(origins)} entries but there are {n} images: give one "
+            "origin (grid index of the cutout's first pixel, numpy order) per image."
+        )
+    out = []
+    for k, o in enumerate(origins):
+        try:
+            vals = tuple(np.atleast_1d(np.asarray(o)).tolist())
+        except Exception:
+            vals = None
+        if (vals is None or len(vals) != ndim
+                or not all(isinstance(v, Integral) and not isinstance(v, bool)
+                           or isinstance(v, float) and v.is_integer() for v in vals)):
+            raise ValueError(
+                f"origins[{k}] = {o!r} must be {ndim} integers (numpy order: the grid "
+                f"index of images[{k}][0, ...])."
+            )
+        vals = tuple(int(v) for v in vals)
+        if any(v < 0 for v in vals):
+            raise ValueError(f"origins[{k}] = {vals} has a negative index: cutouts must "
+                             "lie inside the grid.")
+        out.append(vals)
+    ends = [tuple(o + s for o, s in zip(org, shp)) for org, shp in zip(out, shapes)]
+    if grid_shape is None:
+        grid = tuple(max(e[j] for e in ends) for j in range(ndim))
+    else:
+        try:
+            grid = tuple(int(v) for v in grid_shape)
+        except (TypeError, ValueError):
+            raise TypeError(f"'grid_shape' must be a tuple of {ndim} integers; got "
+                            f"{grid_shape!r}.") from None
+        if len(grid) != ndim or any(v < 1 for v in grid):
+            raise ValueError(f"'grid_shape' must be {ndim} positive integers; got "
+                             f"{grid_shape!r}.")
+        for k, e in enumerate(ends):
+            if any(a > b for a, b in zip(e, grid)):
+                raise ValueError(
+                    f"images[{k}] (shape {shapes[k]}) placed at origins[{k}] = {out[k]} "
+                    f"reaches {e}, outside grid_shape {grid}: make the grid larger or "
+                    "crop the cutout."
+                )
+    return out, grid
+
+
+def check_inputs(images, masks, sigmas, degree, origins=None, grid_shape=None):
     """Validate ``images``, ``masks``, ``sigmas`` and ``degree``.
+
+    With ``origins``, images are cutouts of a grid of ``grid_shape`` (default:
+    the smallest grid holding them all), each of its own shape; masks and
+    sigmas have the shape of their image.
 
     Returns
     -------
@@ -133,12 +199,27 @@ def check_inputs(images, masks, sigmas, degree):
     if len(shape) == 0:
         raise ValueError("images[0] is a scalar: images must be arrays with ndim >= 1.")
     for k, im in enumerate(imgs):
-        if im.shape != shape:
+        if origins is None and im.shape != shape:
             raise ValueError(
                 f"images[{k}] has shape {im.shape} but images[0] has shape {shape}: "
-                "all images must be on one common pixel grid."
+                "all images must be on one common pixel grid (or give 'origins' "
+                "to pass cutouts of the grid)."
+            )
+        if origins is not None and im.ndim != len(shape):
+            raise ValueError(
+                f"images[{k}] has {im.ndim} dimensions but images[0] has {len(shape)}: "
+                "cutouts of one grid have the grid's number of dimensions."
             )
     n = len(imgs)
+    if origins is None:
+        if grid_shape is not None and tuple(grid_shape) != shape:
+            raise ValueError(
+                f"'grid_shape' {tuple(grid_shape)} differs from the images' shape "
+                f"{shape}; it is only needed with 'origins' (cutouts)."
+            )
+        orgs = [(0,) * len(shape)] * n
+    else:
+        orgs, shape = check_origins(origins, grid_shape, [im.shape for im in imgs])
 
     if masks is None:
         msk = [None] * n
@@ -156,9 +237,10 @@ def check_inputs(images, masks, sigmas, degree):
                 msk.append(None)
                 continue
             arr = _as_real_array(m, f"masks[{k}]")
-            if arr.shape != shape:
+            if arr.shape != imgs[k].shape:
                 raise ValueError(
-                    f"masks[{k}] has shape {arr.shape} but the images have shape {shape}."
+                    f"masks[{k}] has shape {arr.shape} but images[{k}] has shape "
+                    f"{imgs[k].shape}."
                 )
             msk.append(arr)
 
@@ -186,10 +268,10 @@ def check_inputs(images, masks, sigmas, degree):
                 arr = _as_real_array(s, f"sigmas[{k}]")
                 if arr.ndim == 0:
                     sig.append(float(arr))
-                elif arr.shape != shape:
+                elif arr.shape != imgs[k].shape:
                     raise ValueError(
-                        f"sigmas[{k}] has shape {arr.shape} but the images have shape "
-                        f"{shape}: give an array of the images' shape or a number."
+                        f"sigmas[{k}] has shape {arr.shape} but images[{k}] has shape "
+                        f"{imgs[k].shape}: give an array of the image's shape or a number."
                     )
                 else:
                     sig.append(arr)
@@ -201,4 +283,5 @@ def check_inputs(images, masks, sigmas, degree):
         has_sigmas=has_sigmas,
         shape=shape,
         degree=check_degree(degree, len(shape)),
+        origins=orgs,
     )
