@@ -5,12 +5,13 @@ This module needs the jwst package (``pip install "jwst-wiimatch[jwst]"``).
 `WiiMatchSkyStep`
     A `~jwst_wiimatch.step.WiiMatchStep` that takes the calibrated exposures
     themselves (each on its own detector grid), as ``skymatch`` does. It
-    resamples them onto one common grid with jwst's resample in single mode
-    (one image per exposure group), matches the backgrounds there, and then
-    evaluates each exposure's polynomial, a function of sky position, on that
-    exposure's own pixels through its own WCS, records it in the exposure's
-    metadata and (by default) subtracts it, so that the final ``i2d`` is
-    background matched.
+    averages each exposure over blocks of detector pixels, places the blocks
+    on one grid in the tangent plane (WCS evaluated at the block centres
+    only), matches the backgrounds there (one polynomial per exposure
+    group), and then evaluates each exposure's polynomial, a function of sky
+    position, on that exposure's own pixels through its own WCS, records it
+    in the exposure's metadata and (by default) subtracts it, so that the
+    final ``i2d`` is background matched.
 `WiiMatchImage3Pipeline` (``strun calwebb_image3_wiimatch``)
     jwst's ``Image3Pipeline`` with `WiiMatchSkyStep` in the ``skymatch``
     slot. Its parameters are set like those of any pipeline step:
@@ -20,31 +21,27 @@ This module needs the jwst package (``pip install "jwst-wiimatch[jwst]"``).
 See ``docs/pipeline.rst``.
 """
 
-import contextlib
-import json
 import logging
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 from jwst.datamodels import ModelLibrary
 from jwst.pipeline import Image3Pipeline
-from jwst.resample.resample import ResampleImage
-from jwst.resample.resample_step import GOOD_BITS
 from stpipe.datamodel import AbstractDataModel
 
-from . import adapters
 from .core.inputs import check_solver
-from .step import WiiMatchStep, library_copies
+from .matching import apply_outcomes, map_models, match_models
+from .models import records
+from .step import WiiMatchStep, library_copies, log_summary, parse_cores
 
 __all__ = ["WiiMatchSkyStep", "WiiMatchImage3Pipeline"]
 
-log = logging.getLogger("jwst_wiimatch")
+log = logging.getLogger(__name__)
 
-#: How the common grid is described in ``meta.wiimatch['matched_on']``.
-MATCHED_ON = "exposures resampled onto one grid (jwst resample, single mode)"
+#: How the matching grid is described in ``meta.wiimatch['matched_on']``.
+MATCHED_ON = ("exposures averaged over blocks of detector pixels, on a grid in the "
+              "tangent plane about refpoint")
 
 
 class WiiMatchSkyStep(WiiMatchStep):
@@ -52,13 +49,15 @@ class WiiMatchSkyStep(WiiMatchStep):
 
     The input is what ``skymatch`` receives in ``calwebb_image3``: a
     ``ModelLibrary`` of calibrated exposures (or an association, or a list of
-    ``cal`` models / files when run on its own). The exposure groups of the
-    library (the detectors of one exposure) are resampled together onto one
-    common grid with jwst's ``ResampleImage`` (as ``resample`` does with
-    ``single=True``); `WiiMatchStep` matches those images; each exposure's
-    polynomial is then evaluated on every member of its group through the
-    member's own WCS, recorded there, and subtracted when ``subtract`` is
-    True (the default here).
+    ``cal`` models / files when run on its own). Each exposure is reduced to
+    averages of ``binning x binning`` blocks of its detector pixels (inverse
+    variance weighted, DQ applied) before any WCS work; the WCS is evaluated
+    at the block centres only, which are laid on a grid in the background
+    frame (the tangent plane about the reference point). The members of an
+    exposure group (the detectors of one exposure) share one polynomial.
+    Each exposure's polynomial is then evaluated on its own pixels (from a
+    lattice of WCS evaluations), recorded, and subtracted when ``subtract``
+    is True (the default here).
     """
 
     class_alias = "wiimatch_sky"
@@ -67,18 +66,20 @@ class WiiMatchSkyStep(WiiMatchStep):
         "subtract = boolean(default=False)  # subtract each model's polynomial from its data",
         "subtract = boolean(default=True)  # subtract each exposure's polynomial from its data "
         "(needed for a matched i2d)",
-    ) + textwrap.dedent("""
-    pixel_scale_ratio = float(default=1.0)  # pixel scale of the internal common grid relative to the input pixels (>1: coarser, faster)
-    pixfrac = float(min=0.0, max=1.0, default=1.0)  # drizzle pixfrac of the internal resampling
-    kernel = option('square','gaussian','point','turbo','lanczos2','lanczos3',default='square')  # drizzle kernel of the internal resampling
-    """)  # noqa: E501
+    ).replace(
+        "binning = integer(min=1, default=1)  # match on averages of binning x binning blocks "
+        "of the grid (1: every pixel); 4 or 8 keep smooth backgrounds at the noise floor "
+        "with 16-64x less memory and work",
+        "binning = integer(min=1, default=8)  # match on averages of binning x binning blocks "
+        "of detector pixels, placed on a sky grid of cells binning input pixels wide",
+    )
 
     # Image3Pipeline reads skymatch.skymethod for single-exposure input
     skymethod = "wiimatch"
 
     @staticmethod
     def get_stpipe_loggers():
-        """Loggers stpipe configures: wiimatch's and jwst's (for resample)."""
+        """Loggers stpipe configures: wiimatch's and jwst's."""
         return (*WiiMatchStep.get_stpipe_loggers(), "jwst", "stcal")
 
     def process(self, input_data):
@@ -97,8 +98,8 @@ class WiiMatchSkyStep(WiiMatchStep):
             ``meta.background.method = 'wiimatch'``,
             ``meta.background.subtracted`` and ``meta.cal_step.wiimatch``.
         """
-        check_solver(self.solver)
-        adapters.interpret_dqbits(self.dqbits)
+        solver = check_solver(self.solver)
+        threads = parse_cores(self.maximum_cores)
         # on disk when this step or its pipeline says so (--in_memory=false)
         in_memory = bool(self.in_memory) and bool(getattr(self.parent, "in_memory", True))
         library = self._as_library(input_data, in_memory)
@@ -109,23 +110,15 @@ class WiiMatchSkyStep(WiiMatchStep):
             log.warning("wiimatch: %s; nothing done", reason)
             self._mark_all_skipped(library, reason)
             return library
-
-        with contextlib.ExitStack() as stack:
-            tmpdir = None
-            if not in_memory:
-                tmpdir = stack.enter_context(
-                    tempfile.TemporaryDirectory(prefix="wiimatch_sky_"))
-            singles = self._resample_singles(library, groups, tmpdir)
-            matcher = WiiMatchStep(
-                name="wiimatch_on_common_grid", parent=self,
-                degree=self.degree, refpoint=self.refpoint, solver=self.solver,
-                dqbits=self.dqbits, subtract=False, in_memory=in_memory,
-            )
-            # parent is set: the step updates the singles library in place
-            matcher.process(singles)
-            results = self._collect(singles)
-            del singles
-        self._apply(library, groups, results)
+        log.info("wiimatch: %d exposures in %d exposure groups%s", len(library), len(groups),
+                 " (library kept on disk)" if getattr(library, "_on_disk", False) else "")
+        outcomes, summary = match_models(
+            library, kind="sky", groups=groups, degree=self.degree, refpoint=self.refpoint,
+            solver=solver, dqbits=self.dqbits, binning=self.binning, threads=threads)
+        apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
+                       solver=solver, dqbits=self.dqbits, threads=threads,
+                       extra={"matched_on": MATCHED_ON})
+        log_summary(outcomes, summary)
         return library
 
     # ------------------------------------------------------------------
@@ -152,111 +145,9 @@ class WiiMatchSkyStep(WiiMatchStep):
             "association file name or dict, or a list of cal models or file names"
         )
 
-    def _resample_singles(self, library, groups, tmpdir):
-        """One image per exposure group on one common grid (jwst's resample)."""
-        resampler = ResampleImage(
-            library, output=None, enable_var=False, compute_err="driz_err",
-            pixfrac=self.pixfrac, kernel=self.kernel, fillval="NAN",
-            weight_type="ivm", good_bits=GOOD_BITS, blendheaders=False,
-            wcs_pars={"pixel_scale_ratio": self.pixel_scale_ratio},
-        )
-        log.info("wiimatch: resampling %d exposure groups onto one %s grid",
-                 len(groups), "x".join(str(n) for n in resampler.output_array_shape))
-        models = []
-        for k, indices in enumerate(groups):
-            single = resampler.resample_group(indices).copy()
-            # jwst names it after the group's first exposure
-            single.meta.filename = f"{k}_{single.meta.filename}"
-            if tmpdir is not None:
-                path = os.path.join(tmpdir, single.meta.filename)
-                single.save(path)
-                single.close()
-                single = path
-            models.append(single)
-        del resampler
-        if tmpdir is not None:
-            log.info("wiimatch: common-grid images kept on disk in %s", tmpdir)
-            return _disk_library(models, tmpdir)
-        return ModelLibrary(models, on_disk=False)
-
-    @staticmethod
-    def _collect(singles):
-        """Per single: (polynomial entry or None, its meta.wiimatch dict)."""
-        out = []
-        with singles:
-            for k in range(len(singles)):
-                model = singles.borrow(k)
-                info = dict(model.meta.wiimatch.instance)
-                entry = None
-                if info.get("status") == "COMPLETE":
-                    entry = adapters.latest_entry(model)
-                    entry = {key: entry[key] for key in ("degree", "refpoint",
-                                                         "coefficients")}
-                out.append((entry, info))
-                singles.shelve(model, k, modify=False)
-                del model
-        return out
-
-    def _apply(self, library, groups, results):
-        """Record (and subtract) each group's polynomial on its own exposures."""
-        subtract = bool(self.subtract)
-        with library:
-            for (entry, info), indices in zip(results, groups):
-                for index in indices:
-                    model = library.borrow(index)
-                    if entry is None:
-                        adapters.record_skipped(
-                            model, info.get("reason", "not matched"),
-                            frame=info.get("frame"), npix=info.get("npix", 0))
-                        log.warning("wiimatch: %s SKIPPED: %s", model.meta.filename,
-                                    info.get("reason"))
-                    else:
-                        level = adapters.pending_level(model)
-                        adapters.record_result(
-                            model, degree=entry["degree"], refpoint=entry["refpoint"],
-                            coefficients=np.asarray(entry["coefficients"]),
-                            subtract=subtract, frame=info["frame"],
-                            npix=info["npix"], rms=_num(info.get("rms")),
-                            rms_before=_num(info.get("rms_before")), level=level,
-                            solver=info["solver"], dqbits=info["dqbits"],
-                            undetermined=info.get("undetermined_terms", ()),
-                        )
-                        model.meta.wiimatch = {**model.meta.wiimatch.instance,
-                                               "matched_on": MATCHED_ON}
-                        if subtract:
-                            # the polynomial is a function of sky position:
-                            # evaluate it on this exposure's own pixels
-                            bkg = adapters.evaluate_background(model, entry)
-                            adapters.subtract_background(model, bkg, level=level)
-                            del bkg
-                        log.info("wiimatch: %s: background polynomial (%g at refpoint) "
-                                 "%s", model.meta.filename, entry["coefficients"][0],
-                                 "subtracted" if subtract else "recorded")
-                    library.shelve(model, index, modify=True)
-                    del model
-
     def _mark_all_skipped(self, library, reason):
-        with library:
-            for index in range(len(library)):
-                model = library.borrow(index)
-                adapters.record_skipped(model, reason)
-                library.shelve(model, index, modify=True)
-                del model
-
-
-def _num(value):
-    return np.nan if value is None else float(value)
-
-
-def _disk_library(paths, tmpdir):
-    """An on-disk library over saved files (read one at a time)."""
-    members = [{"expname": os.path.basename(p), "exptype": "science"} for p in paths]
-    asn = {"asn_id": "wiimatch", "asn_pool": "wiimatch",
-           "products": [{"name": "wiimatch_singles", "members": members}]}
-    path = os.path.join(tmpdir, "wiimatch_singles_asn.json")
-    with open(path, "w") as fh:
-        json.dump(asn, fh)
-    return ModelLibrary(path, on_disk=True, temp_directory=tmpdir)
+        map_models(library, lambda model, k: records.record_skipped(model, reason),
+                   modify=True, threads=1)
 
 
 class WiiMatchImage3Pipeline(Image3Pipeline):

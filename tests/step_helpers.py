@@ -2,7 +2,7 @@
 
 Everything here is independent of the adapters under test: the tangent-plane
 coordinates used to inject backgrounds are computed with a vector formula,
-not with ``jwst_wiimatch.adapters``.
+not with ``jwst_wiimatch.models``.
 """
 
 import json

@@ -61,6 +61,6 @@ def test_site_builds_without_warnings(tmp_path):
     for name in ("jwst_wiimatch.match.match_lsq", "jwst_wiimatch.lsq_optimizer.build_lsq_eqs",
                  "jwst_wiimatch.lsq_optimizer.rlu_solve", "jwst_wiimatch.lsq_optimizer.pinv_solve",
                  "jwst_wiimatch.utils.create_coordinate_arrays",
-                 "jwst_wiimatch.adapters.evaluate_background",
+                 "jwst_wiimatch.models.evaluate_background",
                  "jwst_wiimatch.step.WiiMatchStep"):
         assert f'id="{name}"' in api, name

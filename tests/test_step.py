@@ -21,8 +21,8 @@ pytest.importorskip("gwcs")
 sys.path.insert(0, os.path.dirname(__file__))
 import step_helpers as h  # noqa: E402
 
-from jwst_wiimatch import adapters  # noqa: E402
-from jwst_wiimatch.library import WiiMatchLibrary  # noqa: E402
+from jwst_wiimatch import models as adapters  # noqa: E402
+from jwst_wiimatch.models import WiiMatchLibrary  # noqa: E402
 from jwst_wiimatch.step import WiiMatchStep  # noqa: E402
 
 NOISE = 0.05
@@ -232,15 +232,17 @@ class _CountingLibrary(WiiMatchLibrary):
         return model
 
 
-def test_in_memory_false_borrows_one_model_at_a_time(tmp_path):
+@pytest.mark.parametrize("cores,most", [("none", 1), ("2", 2)])
+def test_in_memory_false_borrows_one_model_per_thread(tmp_path, cores, most):
     models, truths, ref = h.make_models(n=4, degree=1)
     asn = h.write_asn(models, tmp_path)
     os.makedirs(tmp_path / "tmp")
     lib = _CountingLibrary(asn, on_disk=True, temp_directory=tmp_path / "tmp")
     _CountingLibrary.max_out = 0
-    out = WiiMatchStep.call(lib, degree=1, in_memory=False, subtract=True)
+    out = WiiMatchStep.call(lib, degree=1, in_memory=False, subtract=True,
+                            maximum_cores=cores)
     assert out is lib
-    assert _CountingLibrary.max_out == 1
+    assert 1 <= _CountingLibrary.max_out <= most
     check_recovery(models, library_models(out), truths, ref)
 
 

@@ -121,7 +121,7 @@ def test_post_hook_of_resample_single(monkeypatch):
     """resample single=True hands its per-exposure library to the wiimatch hook."""
     from jwst.resample import ResampleStep
 
-    from jwst_wiimatch.adapters import evaluate_background, latest_entry
+    from jwst_wiimatch.models import evaluate_background, latest_entry
 
     monkeypatch.setenv("STPIPE_DISABLE_CRDS_STEPPARS", "true")
     models, truths, ref = h.make_models(n=3, shape=(60, 70), degree=1, rotation_deg=0)

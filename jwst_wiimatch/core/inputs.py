@@ -202,8 +202,7 @@ def check_inputs(images, masks, sigmas, degree, origins=None, grid_shape=None):
         if origins is None and im.shape != shape:
             raise ValueError(
                 f"images[{k}] has shape {im.shape} but images[0] has shape {shape}: "
-                "all images must be on one common pixel grid (or give 'origins' "
-                "to pass cutouts of the grid)."
+                "all images must be on one common pixel grid."
             )
         if origins is not None and im.ndim != len(shape):
             raise ValueError(

@@ -1,4 +1,4 @@
-"""Tests of jwst_wiimatch.adapters: masks, sigma, frame coordinates, evaluation."""
+"""Tests of jwst_wiimatch.models: masks, sigma, frame coordinates, evaluation."""
 
 import os
 import sys
@@ -13,7 +13,7 @@ pytest.importorskip("gwcs")
 sys.path.insert(0, os.path.dirname(__file__))
 import step_helpers as h  # noqa: E402
 
-from jwst_wiimatch import adapters  # noqa: E402
+from jwst_wiimatch import models as adapters  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,266 @@
+"""Results in model metadata: recording, reading back, evaluating, subtracting.
+
+A recorded background is an entry ``{degree, refpoint, coefficients,
+channel}`` of ``meta.background.polynomial_info``: a polynomial in the
+background frame of :mod:`jwst_wiimatch.models.frame`. ``meta.wiimatch``
+holds the run's diagnostics and says which entry is the latest.
+"""
+
+import numpy as np
+
+from ..core import polyval_nd
+from .frame import grid_world, model_lattice, world_to_frame
+
+__all__ = ["pending_level", "polynomial_coefficients", "evaluate_background",
+           "latest_entry", "subtract_background", "record_result", "record_skipped"]
+
+
+def pending_level(model):
+    """Scalar background level recorded but not yet subtracted (e.g. by skymatch).
+
+    Returns ``meta.background.level`` when ``meta.background.subtracted`` is
+    False and the level is set, else 0.0. wiimatch fits (and subtracts) its
+    polynomials on ``data - pending_level(model)``.
+    """
+    bkg = model.meta.background
+    level = getattr(bkg, "level", None)
+    if bkg.subtracted is False and level is not None and np.isfinite(level):
+        return float(level)
+    return 0.0
+
+
+def polynomial_coefficients(info):
+    """Coefficient array of one ``polynomial_info`` entry.
+
+    Returns
+    -------
+    numpy.ndarray
+        Array of shape ``[d + 1 for d in info['degree']]`` usable by
+        ``numpy.polynomial.polynomial.polyval2d`` / ``polyval3d``.
+    """
+    degree = [int(d) for d in _entry(info, "degree")]
+    coef = np.asarray(_entry(info, "coefficients"), dtype=np.float64)
+    shape = tuple(d + 1 for d in degree)
+    if coef.size != int(np.prod(shape)):
+        raise ValueError(
+            f"polynomial entry has {coef.size} coefficients, degree {degree} "
+            f"needs {int(np.prod(shape))}"
+        )
+    return coef.reshape(shape)
+
+
+def _entry(info, key):
+    if isinstance(info, dict):
+        return info[key]
+    return getattr(info, key)
+
+
+def evaluate_background(model, info=None, coords=None):
+    """Evaluate a recorded background polynomial on any model through its WCS.
+
+    The polynomial is expressed in the background frame described in this
+    module's documentation: gnomonic standard coordinates ``(xi, eta)`` in
+    degrees about ``refpoint[:2]`` (plus ``dlam = wavelength - refpoint[2]``
+    for cubes). This function recomputes those coordinates for every pixel
+    of ``model`` from ``model.meta.wcs``, so the model need not be on the
+    grid the polynomial was fitted on. For images the WCS is evaluated on a
+    lattice of pixels and the coordinates are interpolated in between
+    (bicubic splines, checked to 1e-8 of the coordinates' span, see
+    :class:`jwst_wiimatch.models.frame.CoordinateLattice`).
+
+    Parameters
+    ----------
+    model : DataModel
+        Model with ``data`` and a gwcs ``meta.wcs`` (2-D or 3-D).
+    info : dict, optional
+        A ``meta.background.polynomial_info`` entry (``degree``,
+        ``refpoint``, ``coefficients``), from this model or any other one.
+        Default: the model's own latest wiimatch entry.
+    coords : tuple of numpy.ndarray, optional
+        Precomputed frame coordinates for ``info['refpoint']`` (internal use).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 background of ``model.data``'s shape (NaN where the WCS
+        gives no sky position).
+
+    Examples
+    --------
+    Evaluate the background fitted on exposure 1 on another image
+    ``other`` (possibly with a different grid)::
+
+        info = model1.meta.background.polynomial_info[-1].instance
+        bkg = evaluate_background(other, info)
+    """
+    if info is None:
+        info = latest_entry(model)
+    coef = polynomial_coefficients(info)
+    refpoint = [float(v) for v in _entry(info, "refpoint")]
+    ndim = np.ndim(model.data)
+    if coef.ndim != ndim:
+        if coef.ndim == 2 and ndim == 3:
+            # a 2-D sky polynomial evaluated on a cube: same in every plane
+            coef = coef[..., None]
+            if len(refpoint) == 2:
+                refpoint = refpoint + [0.0]
+        else:
+            raise ValueError(
+                f"polynomial has {coef.ndim} coordinates but the model is {ndim}-D"
+            )
+    if coords is None and ndim == 2:
+        # a smooth frame: interpolate from a lattice of WCS evaluations
+        lattice = model_lattice(model, refpoint)
+        if lattice is not None:
+            ny, nx = np.shape(model.data)
+            coords = lattice.box(slice(0, ny), slice(0, nx))
+    if coords is None:
+        world = grid_world(model)
+        if len(refpoint) < len(world):
+            refpoint = refpoint + [0.0] * (len(world) - len(refpoint))
+        coords = world_to_frame(world, refpoint)
+    return polyval_nd(coef, *coords)
+
+
+def latest_entry(model):
+    """The model's latest wiimatch ``polynomial_info`` entry, as a dict.
+
+    That is the entry ``meta.wiimatch['polynomial_index']`` points to, or the
+    last entry when the model has no ``meta.wiimatch``.
+    """
+    entries = model.meta.background.polynomial_info
+    idx = _wiimatch_meta(model).get("polynomial_index")
+    if idx is None:
+        if not entries:
+            raise ValueError("model has no meta.background.polynomial_info entry")
+        idx = len(entries) - 1
+    entry = entries[idx]
+    return entry.instance if hasattr(entry, "instance") else entry
+
+
+def subtract_background(model, background, level=0.0):
+    """Subtract ``level + background`` from ``model.data`` in place.
+
+    NaN data stay NaN; pixels where the background is not finite are left
+    unchanged. The result keeps the data's dtype; arithmetic is float64.
+    """
+    data = np.asarray(model.data)
+    bkg = np.asarray(background, dtype=np.float64) + float(level)
+    good = np.isfinite(bkg)
+    new = data.astype(np.float64)
+    new[good] -= bkg[good]
+    model.data = new.astype(data.dtype, copy=False)
+
+
+def _channel(model):
+    for attr in ("channel", "band"):
+        try:
+            val = getattr(model.meta.instrument, attr)
+        except AttributeError:
+            val = None
+        if val:
+            return str(val)
+    return ""
+
+
+def _wiimatch_meta(model):
+    try:
+        node = model.meta.wiimatch
+    except AttributeError:
+        return {}
+    if node is None:
+        return {}
+    inst = node.instance if hasattr(node, "instance") else node
+    return dict(inst) if isinstance(inst, dict) else {}
+
+
+def _prune_unsubtracted(model):
+    """Drop the previous wiimatch entry if it was not subtracted.
+
+    An entry that was only recorded describes background still present in
+    the data; a new run describes that background again, so the old entry is
+    superseded. Entries already subtracted are history and are kept.
+    Returns the list of indices of wiimatch entries already subtracted.
+    """
+    prev = _wiimatch_meta(model)
+    subtracted = [int(i) for i in prev.get("subtracted_entries", [])]
+    idx = prev.get("polynomial_index")
+    entries = model.meta.background.polynomial_info
+    if idx is not None and idx not in subtracted and 0 <= idx < len(entries):
+        del entries[idx]
+        subtracted = [i - 1 if i > idx else i for i in subtracted]
+    return subtracted
+
+
+def _set_background_flags(model, subtracted_now):
+    bkg = model.meta.background
+    before = bkg.subtracted
+    bkg.subtracted = bool(before) or bool(subtracted_now)
+    if bkg.level is None:
+        # skymatch requires a level whenever 'subtracted' is set; 0 means
+        # "no scalar level pending".
+        bkg.level = 0.0
+    bkg.method = "wiimatch"
+
+
+def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
+                  npix, rms, rms_before, level, solver,
+                  dqbits, undetermined=()):
+    """Write one model's result into its metadata (and nothing into its data).
+
+    Appends ``{degree, refpoint, coefficients, channel}`` to
+    ``meta.background.polynomial_info``, sets ``meta.background.method`` to
+    ``'wiimatch'``, updates ``meta.background.subtracted`` /
+    ``meta.background.level`` (see the step documentation for the rules
+    shared with skymatch), sets ``meta.cal_step.wiimatch = 'COMPLETE'`` and
+    writes ``meta.wiimatch`` (frame, reference point, pixels used, residual
+    RMS, index of the new entry, indices of entries already subtracted).
+    """
+    subtracted_entries = _prune_unsubtracted(model)
+    entries = model.meta.background.polynomial_info
+    entry = {
+        "degree": [int(d) for d in degree],
+        "refpoint": [float(v) for v in refpoint],
+        "coefficients": [float(c) for c in np.ravel(coefficients)],
+        "channel": _channel(model),
+    }
+    entries.append(entry)
+    index = len(model.meta.background.polynomial_info) - 1
+    if subtract:
+        subtracted_entries.append(index)
+    _set_background_flags(model, subtract)
+    model.meta.cal_step.wiimatch = "COMPLETE"
+    model.meta.wiimatch = {
+        "status": "COMPLETE",
+        "frame": frame,
+        "refpoint": [float(v) for v in refpoint],
+        "degree": [int(d) for d in degree],
+        "polynomial_index": int(index),
+        "subtracted": bool(subtract),
+        "subtracted_entries": [int(i) for i in subtracted_entries],
+        "pending_level": float(level),
+        "npix": int(npix),
+        "rms": float(rms) if np.isfinite(rms) else None,
+        "rms_before": float(rms_before) if np.isfinite(rms_before) else None,
+        "background_at_refpoint": float(np.ravel(coefficients)[0]),
+        "solver": str(solver),
+        "dqbits": None if dqbits is None else str(dqbits),
+        "undetermined_terms": [[int(e) for e in t] for t in undetermined],
+    }
+
+
+def record_skipped(model, reason, frame=None, npix=0):
+    """Mark a model SKIPPED: ``meta.cal_step.wiimatch`` and ``meta.wiimatch``.
+
+    Background metadata and data are left as they are.
+    """
+    prev = _wiimatch_meta(model)
+    model.meta.cal_step.wiimatch = "SKIPPED"
+    model.meta.wiimatch = {
+        "status": "SKIPPED",
+        "reason": str(reason),
+        "frame": frame,
+        "npix": int(npix),
+        "polynomial_index": prev.get("polynomial_index"),
+        "subtracted_entries": [int(i) for i in prev.get("subtracted_entries", [])],
+    }
