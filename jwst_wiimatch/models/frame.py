@@ -345,6 +345,8 @@ LATTICE_RTOL = 1e-8
 
 
 def _lattice_nodes(n, step):
+    if (n - 1) // step < 3:  # too few nodes for a cubic: every pixel is a node
+        return np.arange(n, dtype=np.float64)
     nodes = np.arange(0, n, step, dtype=np.float64)
     if nodes[-1] != n - 1:
         nodes = np.append(nodes, float(n - 1))
@@ -360,7 +362,9 @@ class CoordinateLattice:
     checked against ``func`` at the centres of the lattice cells (where a
     spline's error is largest) and the step is halved until the largest
     error is at most ``rtol`` times the span of each coordinate over the
-    grid; :attr:`max_error` records the errors found. With ``rtol = 1e-8``
+    grid; :attr:`max_error` records the errors found. Where even a 4-pixel
+    lattice is not accurate enough, ``func`` is evaluated at every pixel
+    asked for. With ``rtol = 1e-8``
     a polynomial background evaluated from these coordinates is off by at
     most about ``1e-8 * degree`` of its range.
 
@@ -411,8 +415,14 @@ class CoordinateLattice:
             exact = func(cx.ravel(), cy.ravel())
             errs = [float(np.max(np.abs(s.ev(cy.ravel(), cx.ravel()) - np.ravel(e))))
                     for s, e in zip(self._splines, exact)]
-            if all(e <= rtol * s for e, s in zip(errs, spans)) or step <= 4:
+            if all(e <= rtol * s for e, s in zip(errs, spans)):
                 break
+            if step <= 4:  # not smooth enough to interpolate: evaluate directly
+                self._splines = None
+                self._func = func
+                self.step = 1
+                self.max_error = [0.0] * len(vals)
+                return
             step //= 2
         self.step = step
         self.max_error = errs
