@@ -91,9 +91,13 @@ def _io_floor(asn_path, out):
     return total
 
 
+def _wii_args():
+    """Extra wiimatch step parameters (JSON in WIIMATCH_BENCH_ARGS, from --wii-args)."""
+    return json.loads(os.environ.get("WIIMATCH_BENCH_ARGS") or "{}")
+
+
 def child(name, asn_path, out):
     """Run one candidate; return the step time (s)."""
-    t0 = time.perf_counter()
     if name == "skymatch":
         from jwst.skymatch import SkyMatchStep
 
@@ -104,11 +108,12 @@ def child(name, asn_path, out):
         from jwst_wiimatch.pipeline import WiiMatchSkyStep
 
         t0 = time.perf_counter()
-        WiiMatchSkyStep.call(asn_path, save_results=True, output_dir=out)
+        WiiMatchSkyStep.call(asn_path, save_results=True, output_dir=out, **_wii_args())
     elif name in ("wiimatch_singles", "wiimatch_singles_ondisk"):
         from jwst_wiimatch.step import WiiMatchStep
 
         kw = {"in_memory": False} if name.endswith("ondisk") else {}
+        kw.update(_wii_args())
         t0 = time.perf_counter()
         WiiMatchStep.call(asn_path, save_results=True, output_dir=out, **kw)
     elif name == "resample_single":
@@ -165,18 +170,13 @@ def run_child(name, asn_path, out, folder, log_path, pythonpath=None):
     return info, wall, usage.ru_maxrss * 1024  # Linux: kilobytes
 
 
-def _key(filename):
-    """Exposure key of a file name: the first three underscore fields."""
-    return "_".join(os.path.basename(filename).split("_")[:3])
-
-
 def read_backgrounds(out, truth):
     """{member name: polynomial entry} of the subtracted backgrounds in ``out``."""
     from stdatamodels.jwst import datamodels
 
     # outputs are matched to exposures by their (unique) exposure number:
     # jwst names skymatch outputs after the association, not the exposure
-    keys = {_key(name).split("_")[-1]: name for name in truth["members"]}
+    keys = {os.path.basename(name).split("_")[2]: name for name in truth["members"]}
     found = {}
     for path in sorted(glob.glob(os.path.join(out, "*.fits"))):
         with datamodels.open(path) as m:
@@ -309,6 +309,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs per candidate (best time, largest peak RSS)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--wii-args", default=None,
+                    help='extra parameters of the wiimatch steps as JSON, e.g. \'{"binning": 4}\'')
     ap.add_argument("--make-singles", action="store_true",
                     help="write jwst resample singles + their association, then exit")
     ap.add_argument("--pythonpath", default=None,
@@ -322,6 +324,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.wii_args:
+        json.loads(args.wii_args)  # fail early on bad JSON
+        os.environ["WIIMATCH_BENCH_ARGS"] = args.wii_args
 
     if args.run:
         t = child(args.run, args.asn, args.out)

@@ -266,7 +266,7 @@ def make_exposure(exp, coef, sources, shape=(2048, 2048), seed=0,
     crval, roll = exp["crval"], exp["roll"]
     rng = np.random.default_rng([seed, 4, k])
 
-    y, x = np.mgrid[0:ny, 0:nx].astype(np.float64)  # noqa: (row, column)
+    y, x = np.mgrid[0:ny, 0:nx].astype(np.float64)  # rows, columns
     xi, eta = pixel_to_standard(x, y, shape, crval, roll, ref, pixscale)
     del x, y
     data = (coef[0, 0] + SKY) + coef[1, 0] * xi + coef[0, 1] * eta
