@@ -16,12 +16,15 @@ Two kinds of input:
     interpolated from a lattice of WCS evaluations.
 ``'sky'``
     Calibrated exposures, each on its own detector grid (what jwst's
-    ``skymatch`` takes in ``calwebb_image3``). Each exposure is averaged over
-    ``binning x binning`` blocks of detector pixels *before* any WCS work;
-    the WCS is evaluated at the block centres only, which are placed on a
-    grid laid out in the background frame itself (tangent plane about the
-    reference point, cells ``binning`` input pixels wide). The members of an
-    exposure group (detectors of one exposure) share one polynomial.
+    ``skymatch`` takes in ``calwebb_image3``). The matching grid is laid out
+    in the background frame itself: the tangent plane about the reference
+    point, in cells ``binning`` input pixels wide. Each valid pixel of an
+    exposure goes to the cell holding its centre, so a cell averages the same
+    patch of sky in every exposure (inverse-variance weighted); pixel
+    positions come from a lattice of WCS evaluations with bicubic
+    interpolation (:class:`~jwst_wiimatch.models.frame.CoordinateLattice`),
+    not from the WCS at every pixel. The members of an exposure group (the
+    detectors of one exposure) share one polynomial.
 
 Per-model work (reading, reducing, evaluating, subtracting) runs on
 ``threads`` worker threads, each borrowing its own models from the library,
@@ -29,6 +32,7 @@ so at most ``threads`` models are in flight. Nothing here imports stpipe's
 ``Step``: the steps parse their parameters and call these functions.
 """
 
+import contextlib
 import itertools
 import logging
 import os
@@ -43,6 +47,7 @@ from .core.inputs import check_degree
 from .core.poly import coef_from_scaled
 from .models import frame as fr
 from .models import pixels, records
+from .models.library import member_file
 
 __all__ = ["Outcome", "MatchSummary", "match_models", "apply_outcomes", "map_models",
            "default_threads", "parse_degree"]
@@ -59,19 +64,37 @@ def default_threads():
     return max(1, min(8, n))
 
 
-def map_models(library, function, *, modify, threads=None, progress=None):
+def _call_on_file(path, function, index):
+    """``function(model, index)`` on the model read from ``path`` (a dask task)."""
+    from stdatamodels.jwst import datamodels
+
+    with datamodels.open(path) as model:
+        return function(model, index)
+
+
+def map_models(library, function, *, modify, threads=None, progress=None, client=None):
     """``[function(model, index) for each model]``, on ``threads`` worker threads.
 
     Each worker borrows its model from ``library`` (an stpipe model library)
     and shelves it when done, so at most ``threads`` models are in flight
     (for an on-disk library, in memory). Results keep the library's order.
     With ``progress`` (a verb such as ``'read'``), every tenth of ten or more
-    models is logged as ``wiimatch: read k/n models``.
+    models is logged as ``wiimatch: read k/n models``. With a dask
+    ``client`` and ``modify=False``, models that the library would read from
+    files are read and processed by tasks on the cluster instead (the files
+    must be visible to its workers).
     """
     n = len(library)
     threads = default_threads() if threads is None else max(1, int(threads))
     done = itertools.count(1)
     every = max(1, n // 10)
+    if client is not None and not modify:
+        paths = [member_file(library, k) for k in range(n)]
+        if n and all(paths):
+            log.info("wiimatch: %d models to %s on the dask cluster", n, progress or "process")
+            futures = client.map(_call_on_file, paths, [function] * n, range(n), pure=False)
+            return client.gather(futures)
+        log.info("wiimatch: models held in memory are processed here, not on the cluster")
 
     def one(index):
         model = library.borrow(index)
@@ -234,28 +257,43 @@ def parse_degree(degree, ndim):
     return check_degree(value, ndim)
 
 
-def _grid_setup(library, degree, refpoint):
-    """Grid checker, degree per axis, refpoint and lattice from the first model."""
+@contextlib.contextmanager
+def _first_model(library):
+    """The library's first model, read from its file when it has one (so that an
+    in-memory library does not start caching models), else borrowed."""
+    path = member_file(library, 0)
+    if path is not None:
+        from stdatamodels.jwst import datamodels
+
+        with datamodels.open(path) as model:
+            yield model
+        return
     with library:
         model = library.borrow(0)
         try:
-            name = _model_name(model, 0)
-            checker = fr.GridChecker(model, name)
-            ndim = len(checker.shape)
-            degree = parse_degree(degree, ndim)
-            ref = fr.check_refpoint(refpoint, ndim)
-            if ref is None:
-                ref = fr.default_refpoint(model)
-            elif ndim == 3 and len(ref) == 2:
-                ref = ref + [fr.default_refpoint(model)[2]]
-            func = fr.frame_function(model.meta.wcs, ref)
-            lattice = fr.model_lattice(model, ref) if ndim == 2 else None
+            yield model
         finally:
             library.shelve(model, 0, modify=False)
+
+
+def _grid_setup(library, degree, refpoint):
+    """Grid checker, degree per axis, refpoint and lattice from the first model."""
+    with _first_model(library) as model:
+        name = _model_name(model, 0)
+        checker = fr.GridChecker(model, name)
+        ndim = len(checker.shape)
+        degree = parse_degree(degree, ndim)
+        ref = fr.check_refpoint(refpoint, ndim)
+        if ref is None:
+            ref = fr.default_refpoint(model)
+        elif ndim == 3 and len(ref) == 2:
+            ref = ref + [fr.default_refpoint(model)[2]]
+        func = fr.frame_function(model.meta.wcs, ref)
+        lattice = fr.model_lattice(model, ref) if ndim == 2 else None
     return checker, degree, ref, func, lattice
 
 
-def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads):
+def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, client):
     checker, degree, ref, func, lattice = _grid_setup(library, degree, refpoint)
     ndim = len(checker.shape)
     b = binning if ndim == 2 else 1
@@ -264,7 +302,7 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads):
     log.info("wiimatch: reading %d models (%s)", len(library),
              f"{b}x{b} blocks" if b > 1 else "every pixel")
     reduced = map_models(library, lambda m, k: _reduce_grid_model(m, k, dqflags, b, checker),
-                         modify=False, threads=threads, progress="read")
+                         modify=False, threads=threads, progress="read", client=client)
     grid_shape = tuple(-(-n // b) for n in checker.shape) if b > 1 else checker.shape
 
     if lattice is not None:
@@ -301,120 +339,124 @@ def _pixel_scale_deg(wcs, shape):
     return float(np.sqrt(sep[0] * sep[1]))
 
 
-#: Blocks along the shorter side of a detector that coarse matching keeps at least.
-MIN_BLOCKS = 64
+#: Cells along the shorter side of a detector that the sky grid keeps at least.
+MIN_CELLS = 64
 
 
-def effective_binning(binning, shape):
-    """``binning``, capped so that a detector keeps >= ``MIN_BLOCKS`` blocks per side."""
-    return max(1, min(int(binning), min(shape) // MIN_BLOCKS))
+def _sky_setup(library, refpoint, binning):
+    """Reference point, cell size (degrees) and binning of the sky grid, from the first model.
+
+    ``binning`` is reduced where the detector would have fewer than
+    ``MIN_CELLS`` cells along its shorter side.
+    """
+    with _first_model(library) as model:
+        name = _model_name(model, 0)
+        shape = np.shape(model.data)
+        if len(shape) != 2:
+            raise ValueError(f"{name}: data is {len(shape)}-D; the skymatch slot takes "
+                             "2-D calibrated images")
+        wcs = fr._get_wcs(model, name)
+        cap = max(1, min(shape) // MIN_CELLS)
+        if binning > cap:
+            log.info("wiimatch: binning %d reduced to %d: %s is %dx%d pixels and keeps "
+                     "at least %d cells per side", binning, cap, name, shape[1], shape[0],
+                     MIN_CELLS)
+            binning = cap
+        ref = fr.check_refpoint(refpoint, 2)
+        if ref is None:
+            ref = fr.default_refpoint(model)
+        step = binning * _pixel_scale_deg(wcs, shape)
+    if not (np.isfinite(step) and step > 0):
+        raise ValueError(f"{name}: the WCS gives no pixel scale at the detector centre")
+    return ref, step, binning
 
 
-def _reduce_sky_model(model, index, dqflags, binning):
+def _sky_cells(model, name, ref, step):
+    """Sky-grid cell (x, y) of every pixel, from a lattice of WCS evaluations."""
+    shape = np.shape(model.data)
+    func = fr.frame_function(fr._get_wcs(model, name), ref)
+    lattice = fr.model_lattice(model, ref)
+    if lattice is not None:
+        xi, eta = lattice.box(slice(0, shape[0]), slice(0, shape[1]))
+    else:  # pixels far from the reference point: the WCS at every pixel
+        pix = np.indices(shape, dtype=np.float64)[::-1]
+        xi, eta = (np.asarray(c).reshape(shape) for c in func(pix[0].ravel(), pix[1].ravel()))
+    with np.errstate(invalid="ignore"):
+        cx = np.floor(xi / step + 0.5)
+        cy = np.floor(eta / step + 0.5)
+    return cx, cy
+
+
+def _reduce_sky_model(model, index, dqflags, ref, step):
+    """Sums of one exposure's pixels over the cells of the sky grid that hold them.
+
+    Every valid pixel goes to the cell that contains its centre, so a cell
+    averages the same patch of sky in every exposure (up to the pixels on
+    its border); the WCS is evaluated on a lattice only.
+    """
     name = _model_name(model, index)
     data, sigma, mask, level = _read_pixels(model, dqflags)
     if data.ndim != 2:
         raise ValueError(f"{name}: data is {data.ndim}-D; the skymatch slot takes 2-D "
                          "calibrated images")
-    binning = effective_binning(binning, data.shape)
     red = _Reduced(name=name, level=level, has_err=sigma is not None,
                    npix=int(np.count_nonzero(mask)))
     if red.npix == 0:
         return red
-    wcs = fr._get_wcs(model, name)
-    d = data if not level else data.astype(np.float64) - level
-    mean_eq, sig_eq, count, _ = bin_image(d, None, mask, binning)
+    cx, cy = _sky_cells(model, name, ref, step)
+    ok = mask & np.isfinite(cx) & np.isfinite(cy)
+    if not ok.any():
+        red.npix = 0
+        return red
+    cx, cy = cx[ok].astype(np.int64), cy[ok].astype(np.int64)
+    d = data[ok].astype(np.float64) - level
+    x0, y0 = int(cx.min()), int(cy.min())
+    shape = (int(cy.max()) - y0 + 1, int(cx.max()) - x0 + 1)
+    flat = (cy - y0) * shape[1] + (cx - x0)
+    size = shape[0] * shape[1]
+    sums = {"n": np.bincount(flat, minlength=size), "nd": np.bincount(flat, d, minlength=size)}
     if sigma is not None:
-        mean, sig, _, _ = bin_image(d, sigma, mask, binning)
-    else:
-        mean, sig = mean_eq, sig_eq
-    iy, ix = np.nonzero(count)
-    # block centres in detector pixels; the WCS is evaluated there only
-    world = fr._pixel_world(wcs, ix * binning + (binning - 1) / 2.0,
-                            iy * binning + (binning - 1) / 2.0)
-    red.cells = {
-        "ra": world[0], "dec": world[1],
-        "w": 1.0 / sig[iy, ix] ** 2, "d": mean[iy, ix],
-        "w_eq": 1.0 / sig_eq[iy, ix] ** 2, "d_eq": mean_eq[iy, ix],
-        "scale": _pixel_scale_deg(wcs, data.shape) * binning,
-    }
+        w = 1.0 / np.square(sigma[ok], dtype=np.float64)
+        sums["w"] = np.bincount(flat, w, minlength=size)
+        sums["wd"] = np.bincount(flat, w * d, minlength=size)
+    red.cells = {"origin": (y0, x0), "shape": shape,
+                 **{k: v.reshape(shape) for k, v in sums.items()}}
     return red
 
 
-def _coverage_center(reduced):
-    """(ra, dec) of the mean direction of every block of every exposure."""
-    v = np.zeros(3)
-    for r in reduced:
-        if r.cells is None:
-            continue
-        ra, dec = np.radians(r.cells["ra"]), np.radians(r.cells["dec"])
-        ok = np.isfinite(ra) & np.isfinite(dec)
-        v += [np.sum(np.cos(dec[ok]) * np.cos(ra[ok])),
-              np.sum(np.cos(dec[ok]) * np.sin(ra[ok])), np.sum(np.sin(dec[ok]))]
-    ra0 = float(np.degrees(np.arctan2(v[1], v[0])) % 360.0)
-    dec0 = float(np.degrees(np.arctan2(v[2], np.hypot(v[0], v[1]))))
-    return [ra0, dec0]
-
-
-def _group_cutout(cells_list, x0, y0, step, weights):
-    """Inverse-variance combination of a group's blocks on its box of the sky grid."""
-    xs, ys, ws, wds = [], [], [], []
+def _combine_cells(cells_list, keys):
+    """Sum a group's cell sums on the union of their boxes: (origin, sums...)."""
+    y0 = min(c["origin"][0] for c in cells_list)
+    x0 = min(c["origin"][1] for c in cells_list)
+    y1 = max(c["origin"][0] + c["shape"][0] for c in cells_list)
+    x1 = max(c["origin"][1] + c["shape"][1] for c in cells_list)
+    out = [np.zeros((y1 - y0, x1 - x0)) for _ in keys]
     for c in cells_list:
-        ok = np.isfinite(c["xi"]) & np.isfinite(c["eta"])
-        xs.append(np.rint((c["xi"][ok] - x0) / step).astype(np.int64))
-        ys.append(np.rint((c["eta"][ok] - y0) / step).astype(np.int64))
-        w = c["w_eq" if weights == "eq" else "w"][ok]
-        ws.append(w)
-        wds.append(w * c["d_eq" if weights == "eq" else "d"][ok])
-    xs, ys = np.concatenate(xs), np.concatenate(ys)
-    if xs.size == 0:
-        return None, None, None
-    bx, by = int(xs.min()), int(ys.min())
-    shape = (int(ys.max()) - by + 1, int(xs.max()) - bx + 1)
-    flat = (ys - by) * shape[1] + (xs - bx)
-    sw = np.bincount(flat, np.concatenate(ws), minlength=shape[0] * shape[1])
-    swd = np.bincount(flat, np.concatenate(wds), minlength=shape[0] * shape[1])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.where(sw > 0, swd / np.where(sw > 0, sw, 1.0), 0.0)
-        sig = np.where(sw > 0, 1.0 / np.sqrt(np.where(sw > 0, sw, 1.0)), 0.0)
-    return mean.reshape(shape), sig.reshape(shape), (by, bx)
+        sl = (slice(c["origin"][0] - y0, c["origin"][0] - y0 + c["shape"][0]),
+              slice(c["origin"][1] - x0, c["origin"][1] - x0 + c["shape"][1]))
+        for o, k in zip(out, keys):
+            o[sl] += c[k]
+    return (y0, x0), out
 
 
-def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, threads):
+def _mean_sigma(sw, swd):
+    """Weighted means and their sigma (0: no data, the engine's 'not used')."""
+    good = sw > 0
+    safe = np.where(good, sw, 1.0)
+    return np.where(good, swd / safe, 0.0), np.where(good, 1.0 / np.sqrt(safe), 0.0)
+
+
+def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, threads, client):
     degree = parse_degree(degree, 2)
-    log.info("wiimatch: reducing %d exposures to %dx%d pixel blocks", len(library),
-             binning, binning)
-    reduced = map_models(library, lambda m, k: _reduce_sky_model(m, k, dqflags, binning),
-                         modify=False, threads=threads, progress="read")
-    ref = fr.check_refpoint(refpoint, 2)
-    if ref is None:
-        if not any(r.cells is not None for r in reduced):
-            ref = [0.0, 0.0]
-        else:
-            ref = _coverage_center(reduced)
-    scales = [r.cells["scale"] for r in reduced if r.cells is not None]
-    step = min(scales) if scales else 1.0  # block size on the sky, degrees
-    xi_lo = eta_lo = np.inf
-    xi_hi = eta_hi = -np.inf
-    for r in reduced:
-        if r.cells is None:
-            continue
-        xi, eta = fr.tangent_plane(r.cells["ra"], r.cells["dec"], ref[0], ref[1])
-        r.cells["xi"], r.cells["eta"] = xi, eta
-        if np.any(np.isfinite(xi)):
-            xi_lo, xi_hi = min(xi_lo, np.nanmin(xi)), max(xi_hi, np.nanmax(xi))
-            eta_lo, eta_hi = min(eta_lo, np.nanmin(eta)), max(eta_hi, np.nanmax(eta))
-    if not np.isfinite(xi_lo):
-        xi_lo = eta_lo = 0.0
-        xi_hi = eta_hi = 0.0
-    # grid nodes every `step` degrees from (xi_lo, eta_lo); node (0, 0) is there
-    grid_shape = (int(np.rint((eta_hi - eta_lo) / step)) + 1,
-                  int(np.rint((xi_hi - xi_lo) / step)) + 1)
-    log.info("wiimatch: matching on a %dx%d grid of %.3g arcsec cells in the tangent "
-             "plane about (%.6f, %.6f)", grid_shape[1], grid_shape[0], step * 3600,
-             ref[0], ref[1])
+    ref, step, binning = _sky_setup(library, refpoint, binning)
+    log.info("wiimatch: reading %d exposures onto a grid of %.3g arcsec cells (%d input "
+             "pixels) in the tangent plane about (%.6f, %.6f)", len(library), step * 3600,
+             binning, ref[0], ref[1])
+    reduced = map_models(library, lambda m, k: _reduce_sky_model(m, k, dqflags, ref, step),
+                         modify=False, threads=threads, progress="read", client=client)
 
-    # one matching image per exposure group
+    # one matching image per exposure group, on a grid whose cell (0, 0) is
+    # the lowest cell any exposure reached
     gred = []
     for members in groups:
         cells = [reduced[k].cells for k in members if reduced[k].cells is not None]
@@ -422,13 +464,24 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
                      npix=sum(reduced[k].npix for k in members),
                      has_err=all(reduced[k].has_err for k in members))
         if cells:
-            g.data_eq, g.sigma_eq, g.origin = _group_cutout(cells, xi_lo, eta_lo, step, "eq")
-            g.data, g.sigma, _ = _group_cutout(cells, xi_lo, eta_lo, step, "err")
+            keys = ("n", "nd", "w", "wd") if g.has_err else ("n", "nd")
+            g.origin, sums = _combine_cells(cells, keys)
+            g.data_eq, g.sigma_eq = _mean_sigma(sums[0], sums[1])
+            if g.has_err:
+                g.data, g.sigma = _mean_sigma(sums[2], sums[3])
         gred.append(g)
     for r in reduced:
         r.cells = None
-
-    center = (-xi_lo / step, -eta_lo / step)  # the reference point, in grid cells
+    placed = [g for g in gred if g.origin is not None]
+    gy0 = min((g.origin[0] for g in placed), default=0)
+    gx0 = min((g.origin[1] for g in placed), default=0)
+    for g in placed:
+        g.origin = (g.origin[0] - gy0, g.origin[1] - gx0)
+    grid_shape = (max((g.origin[0] + g.data_eq.shape[0] for g in placed), default=1),
+                  max((g.origin[1] + g.data_eq.shape[1] for g in placed), default=1))
+    center = (float(-gx0), float(-gy0))  # the reference point's cell, (x, y)
+    log.info("wiimatch: matching %d exposure groups on a %dx%d grid", len(groups),
+             grid_shape[1], grid_shape[0])
 
     def engine(images, sigmas, origins):
         return match_backgrounds(images, masks=None, sigmas=sigmas, degree=degree,
@@ -442,8 +495,8 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
     outcomes = [None] * len(library)
     for members, go in zip(groups, goutcomes):
         for k in members:
-            o = Outcome(**{**go.__dict__, "name": reduced[k].name, "npix": reduced[k].npix})
-            outcomes[k] = o
+            outcomes[k] = Outcome(**{**go.__dict__, "name": reduced[k].name,
+                                     "npix": reduced[k].npix})
     groups_models = [sorted(k for j in comp for k in groups[j]) for comp in ggroups]
     return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=fr.FRAME,
                                   binning=binning, grid_shape=grid_shape,
@@ -499,7 +552,8 @@ def _solve(reduced, engine, to_frame):
 
 
 def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
-                 solver="RLU", dqbits=pixels.DEFAULT_DQBITS, binning=1, threads=None):
+                 solver="RLU", dqbits=pixels.DEFAULT_DQBITS, binning=1, threads=None,
+                 client=None):
     """Match the backgrounds of the models of a library.
 
     Parameters
@@ -516,8 +570,8 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
     degree : int or tuple of int
         Polynomial degree per frame axis (xi, eta[, wavelength]).
     refpoint : sequence of float, None
-        Reference point ``[ra, dec[, wavelength]]``; default: the grid centre
-        (``'grid'``) or the centre of the exposures' coverage (``'sky'``).
+        Reference point ``[ra, dec[, wavelength]]``; default: the centre of
+        the grid (``'grid'``) or of the first model's detector (``'sky'``).
     solver : {'RLU', 'PINV'}
     dqbits : str, int, None
         Good DQ bits (see :func:`jwst_wiimatch.models.interpret_dqbits`).
@@ -525,6 +579,9 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
         Block size, in input pixels, of the matching images (1: every pixel).
     threads : int, None
         Worker threads for per-model work and the engine (default: the CPUs).
+    client : dask.distributed.Client, None
+        Run the reading of models kept in files, and the engine's pair sums,
+        as tasks on this dask cluster (see ``docs/performance.rst``).
 
     Returns
     -------
@@ -539,12 +596,13 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
     if len(library) == 0:
         raise ValueError("the input holds no models: give at least two")
     if kind == "grid":
-        return _match_grid(library, degree, refpoint, solver, dqflags, binning, threads)
+        return _match_grid(library, degree, refpoint, solver, dqflags, binning, threads,
+                           client)
     if kind == "sky":
         if groups is None:
             groups = [[k] for k in range(len(library))]
         return _match_sky(library, groups, degree, refpoint, solver, dqflags, binning,
-                          threads)
+                          threads, client)
     raise ValueError(f"kind={kind!r} must be 'grid' or 'sky'")
 
 
@@ -572,14 +630,31 @@ def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra):
 
 
 def apply_outcomes(library, outcomes, summary, *, subtract, solver, dqbits, threads=None,
-                   extra=None):
+                   extra=None, after=None, client=None):
     """Record each model's outcome in its metadata and subtract it when asked.
 
     The polynomial is evaluated on each model's own pixels through its own
     WCS (from a lattice of WCS evaluations, see
     :class:`jwst_wiimatch.models.frame.CoordinateLattice`).
+
+    Parameters
+    ----------
+    after : callable, None
+        ``after(model, index)`` called on each updated model before it is
+        shelved (e.g. to save it at once); the library is then not asked to
+        keep the change (``modify=False``). Returns are collected in order.
+    client : dask.distributed.Client, None
+        With ``after``, models kept in files are updated (and saved by
+        ``after``, which must then be picklable) by tasks on the cluster.
+
+    Returns
+    -------
+    list
+        What ``after`` returned for each model (None without ``after``).
     """
-    map_models(library,
-               lambda m, k: _apply_one(m, outcomes[k], summary, subtract, solver, dqbits,
-                                       extra),
-               modify=True, threads=threads, progress="updated")
+    def one(model, k):
+        _apply_one(model, outcomes[k], summary, subtract, solver, dqbits, extra)
+        return after(model, k) if after is not None else None
+
+    return map_models(library, one, modify=after is None, threads=threads,
+                      progress="updated", client=client if after is not None else None)

@@ -21,8 +21,10 @@ This module needs the jwst package (``pip install "jwst-wiimatch[jwst]"``).
 See ``docs/pipeline.rst``.
 """
 
+import contextlib
 import logging
 import os
+import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 
@@ -33,7 +35,8 @@ from stpipe.datamodel import AbstractDataModel
 from .core.inputs import check_solver
 from .matching import apply_outcomes, map_models, match_models
 from .models import records
-from .step import WiiMatchStep, library_copies, log_summary, parse_cores
+from .models.library import SavedOutputs
+from .step import WiiMatchStep, dask_client, library_copies, log_summary, parse_cores
 
 __all__ = ["WiiMatchSkyStep", "WiiMatchImage3Pipeline"]
 
@@ -70,7 +73,7 @@ class WiiMatchSkyStep(WiiMatchStep):
         "binning = integer(min=1, default=1)  # match on averages of binning x binning blocks "
         "of the grid (1: every pixel); 4 or 8 keep smooth backgrounds at the noise floor "
         "with 16-64x less memory and work",
-        "binning = integer(min=1, default=8)  # match on averages of binning x binning blocks "
+        "binning = integer(min=1, default=4)  # match on averages of binning x binning blocks "
         "of detector pixels, placed on a sky grid of cells binning input pixels wide",
     )
 
@@ -102,37 +105,55 @@ class WiiMatchSkyStep(WiiMatchStep):
         threads = parse_cores(self.maximum_cores)
         # on disk when this step or its pipeline says so (--in_memory=false)
         in_memory = bool(self.in_memory) and bool(getattr(self.parent, "in_memory", True))
-        library = self._as_library(input_data, in_memory)
-        groups = [list(idx) for idx in library.group_indices.values()]
-        if len(groups) < 2:
-            reason = (f"needs at least two exposures to match, got {len(groups)} "
-                      "exposure group(s)")
-            log.warning("wiimatch: %s; nothing done", reason)
-            self._mark_all_skipped(library, reason)
-            return library
-        log.info("wiimatch: %d exposures in %d exposure groups%s", len(library), len(groups),
-                 " (library kept on disk)" if getattr(library, "_on_disk", False) else "")
-        outcomes, summary = match_models(
-            library, kind="sky", groups=groups, degree=self.degree, refpoint=self.refpoint,
-            solver=solver, dqbits=self.dqbits, binning=self.binning, threads=threads)
-        apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
-                       solver=solver, dqbits=self.dqbits, threads=threads,
-                       extra={"matched_on": MATCHED_ON})
+        stream = self._streams_outputs(input_data)
+        with contextlib.ExitStack() as stack:
+            tmpdir = (stack.enter_context(tempfile.TemporaryDirectory(prefix="wiimatch_"))
+                      if stream else None)
+            library = self._as_library(input_data, in_memory, stream_dir=tmpdir)
+            groups = [list(idx) for idx in library.group_indices.values()]
+            if len(groups) < 2:
+                reason = (f"needs at least two exposures to match, got {len(groups)} "
+                          "exposure group(s)")
+                log.warning("wiimatch: %s; nothing done", reason)
+                save = self._saver(library) if stream else None
+                paths = map_models(library, lambda m, k: self._skip_one(m, k, reason, save),
+                                   modify=not stream, threads=1)
+                return self._saved_result(paths, _SavedModelLibrary) if stream else library
+            log.info("wiimatch: %d exposures in %d exposure groups%s", len(library),
+                     len(groups),
+                     " (library kept on disk)" if getattr(library, "_on_disk", False) else "")
+            client = stack.enter_context(dask_client(self.scheduler))
+            outcomes, summary = match_models(
+                library, kind="sky", groups=groups, degree=self.degree,
+                refpoint=self.refpoint, solver=solver, dqbits=self.dqbits,
+                binning=self.binning, threads=threads, client=client)
+            paths = apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
+                                   solver=solver, dqbits=self.dqbits, threads=threads,
+                                   extra={"matched_on": MATCHED_ON},
+                                   after=self._saver(library) if stream else None,
+                                   client=client)
         log_summary(outcomes, summary)
+        if stream:
+            return self._saved_result(paths, _SavedModelLibrary)
         return library
 
+    def _skip_one(self, model, index, reason, save):
+        records.record_skipped(model, reason)
+        return save(model, index) if save is not None else None
+
     # ------------------------------------------------------------------
-    def _as_library(self, data, in_memory):
-        on_disk = not in_memory
+    def _as_library(self, data, in_memory, stream_dir=None):
+        on_disk = not in_memory or stream_dir is not None
+        kw = {"temp_directory": stream_dir} if stream_dir is not None else {}
         if isinstance(data, ModelLibrary):
             if self.parent is None and not getattr(data, "_on_disk", False):
                 # standalone: never change the caller's models
                 return ModelLibrary(library_copies(data), on_disk=False)
             return data
         if isinstance(data, (str, os.PathLike)):
-            return ModelLibrary(os.fspath(data), on_disk=on_disk)
+            return ModelLibrary(os.fspath(data), on_disk=on_disk, **kw)
         if isinstance(data, Mapping):
-            return ModelLibrary(dict(data), on_disk=on_disk)
+            return ModelLibrary(dict(data), on_disk=on_disk, **kw)
         if isinstance(data, Sequence) and not isinstance(data, str):
             items = []
             for item in data:
@@ -145,9 +166,10 @@ class WiiMatchSkyStep(WiiMatchStep):
             "association file name or dict, or a list of cal models or file names"
         )
 
-    def _mark_all_skipped(self, library, reason):
-        map_models(library, lambda model, k: records.record_skipped(model, reason),
-                   modify=True, threads=1)
+
+
+class _SavedModelLibrary(SavedOutputs, ModelLibrary):
+    """jwst's ModelLibrary over outputs saved as they were produced."""
 
 
 class WiiMatchImage3Pipeline(Image3Pipeline):

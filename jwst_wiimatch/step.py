@@ -5,9 +5,11 @@ a post-hook of jwst's ``resample`` step
 (``post_hooks: [jwst_wiimatch.step.WiiMatchStep]``). See ``docs/step.rst``.
 """
 
+import contextlib
 import copy
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -19,6 +21,7 @@ from stpipe.library import AbstractModelLibrary
 from .core.inputs import check_solver
 from .matching import apply_outcomes, default_threads, match_models
 from .models import WiiMatchLibrary, check_association
+from .models.library import SavedLibrary, member_file, outputs_association
 
 __all__ = ["WiiMatchStep"]
 
@@ -49,6 +52,7 @@ class WiiMatchStep(Step):
     subtract = boolean(default=False)  # subtract each model's polynomial from its data
     binning = integer(min=1, default=1)  # match on averages of binning x binning blocks of the grid (1: every pixel); 4 or 8 keep smooth backgrounds at the noise floor with 16-64x less memory and work
     maximum_cores = string(default='all')  # worker threads for reading, matching and subtracting: 'all', 'half', 'quarter', 'none' (one) or a number
+    scheduler = string(default=None)  # address of a dask.distributed scheduler (e.g. tcp://host:8786): models kept in files are read and reduced, and the pair sums accumulated, as tasks on its workers (needs the dask extra)
     in_memory = boolean(default=True)  # False: keep models on disk (temporary files) and never hold all models in memory at once
     output_ext = string(default='.fits')  # file name extension of saved outputs
     output_use_model = boolean(default=True)  # name outputs after each member: <member base>_wiimatch.fits
@@ -108,24 +112,70 @@ class WiiMatchStep(Step):
         solver = check_solver(self.solver)
         threads = parse_cores(self.maximum_cores)
         standalone = self.parent is None
-        output, library = self._prepare(input_data, standalone)
-        if len(library) == 0:
-            raise ValueError(
-                "input holds no models: give an association with at least two "
-                "members (or a list of two or more models)"
-            )
-        outcomes, summary = match_models(
-            library, kind="grid", degree=self.degree, refpoint=self.refpoint,
-            solver=solver, dqbits=self.dqbits, binning=self.binning, threads=threads)
-        apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
-                       solver=solver, dqbits=self.dqbits, threads=threads)
+        stream = self._streams_outputs(input_data)
+        with contextlib.ExitStack() as stack:
+            # a standalone run that saves its results reads the association's
+            # files on demand and writes each output when it is done: memory
+            # holds one model per worker thread, never all of them
+            tmpdir = (stack.enter_context(tempfile.TemporaryDirectory(prefix="wiimatch_"))
+                      if stream else None)
+            output, library = self._prepare(input_data, standalone, stream_dir=tmpdir)
+            if len(library) == 0:
+                raise ValueError(
+                    "input holds no models: give an association with at least two "
+                    "members (or a list of two or more models)"
+                )
+            client = stack.enter_context(dask_client(self.scheduler))
+            outcomes, summary = match_models(
+                library, kind="grid", degree=self.degree, refpoint=self.refpoint,
+                solver=solver, dqbits=self.dqbits, binning=self.binning, threads=threads,
+                client=client)
+            paths = apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
+                                   solver=solver, dqbits=self.dqbits, threads=threads,
+                                   after=self._saver(library) if stream else None,
+                                   client=client)
         log_summary(outcomes, summary)
+        if stream:
+            return self._saved_result(paths)
         return output
 
     # ------------------------------------------------------------------
-    def _prepare(self, data, standalone):
-        """Return (output container, model library over its models)."""
-        on_disk = not self.in_memory
+    def _streams_outputs(self, data):
+        """True for a standalone run on an association that saves its results."""
+        return (self.parent is None and bool(self.save_results)
+                and (isinstance(data, Mapping)
+                     or isinstance(data, (str, os.PathLike))
+                     and os.fspath(data).lower().endswith(".json")))
+
+    def _saver(self, library):
+        """A picklable ``after(model, index)`` that saves each output when done.
+
+        Output names are those stpipe gives (``make_output_path`` of each
+        member's file name), fixed before anything runs, so the saving can
+        happen in worker threads or dask tasks.
+        """
+        paths = []
+        for k in range(len(library)):
+            member = member_file(library, k)
+            if member is None:
+                raise RuntimeError(f"association member {k} has no file")  # pragma: no cover
+            paths.append(self.make_output_path(basepath=os.path.basename(member)))
+        return SaveAs(paths)
+
+    def _saved_result(self, paths, library_class=SavedLibrary):
+        """The library over outputs saved by `_saver` (stpipe saves nothing more)."""
+        self.save_results = False  # every output is written already
+        return library_class(outputs_association(paths))
+
+    # ------------------------------------------------------------------
+    def _prepare(self, data, standalone, stream_dir=None):
+        """Return (output container, model library over its models).
+
+        With ``stream_dir`` (a temporary folder), an association is read into
+        an on-disk library that keeps no model in memory.
+        """
+        on_disk = not self.in_memory or stream_dir is not None
+        kw = {"temp_directory": stream_dir} if stream_dir is not None else {}
         if isinstance(data, AbstractModelLibrary):
             lib = data
             if standalone and not getattr(lib, "_on_disk", False):
@@ -136,14 +186,14 @@ class WiiMatchStep(Step):
             if path.lower().endswith(".json"):
                 if not os.path.isfile(path):
                     raise ValueError(f"association file {path!r} does not exist")
-                lib = WiiMatchLibrary(path, on_disk=on_disk)
+                lib = WiiMatchLibrary(path, on_disk=on_disk, **kw)
                 lib.check_members_exist()
                 return lib, lib
             model = _open_model(path, path)
             return model, WiiMatchLibrary([model])
         if isinstance(data, Mapping):
             asn = check_association(copy.deepcopy(dict(data)), name="association dict")
-            lib = WiiMatchLibrary(asn, on_disk=on_disk)
+            lib = WiiMatchLibrary(asn, on_disk=on_disk, **kw)
             lib.check_members_exist()
             return lib, lib
         if isinstance(data, AbstractDataModel) and not isinstance(data, Sequence):
@@ -202,6 +252,45 @@ def _open_model(path, what):
         return datamodels.open(path)
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{what}: cannot open {path!r} as a datamodel ({exc})") from None
+
+
+class SaveAs:
+    """``after(model, index)`` for `apply_outcomes`: save model ``index`` to ``paths[index]``."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+
+    def __call__(self, model, index):
+        path = self.paths[index]
+        model.save(path)
+        log.info("Saved model in %s", path)
+        return path
+
+
+@contextlib.contextmanager
+def dask_client(address):
+    """A ``dask.distributed.Client`` connected to ``address`` (None: no client)."""
+    if address is None or str(address).strip().lower() in ("", "none"):
+        yield None
+        return
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise ValueError(
+            f"scheduler={address!r} needs dask.distributed: pip install "
+            "'jwst-wiimatch[dask]', or leave scheduler unset to use this machine's cores"
+        ) from None
+    try:
+        client = Client(str(address), timeout=30)
+    except (OSError, TimeoutError) as exc:
+        raise ValueError(f"cannot connect to the dask scheduler at {address!r} ({exc}); "
+                         "check the address, or leave scheduler unset") from None
+    log.info("wiimatch: using the dask cluster at %s (%d workers)", address,
+             len(client.scheduler_info().get("workers", {})))
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def parse_cores(value):

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 
 from stpipe.library import AbstractModelLibrary, NoGroupID
 
-__all__ = ["WiiMatchLibrary", "load_association"]
+__all__ = ["WiiMatchLibrary", "load_association", "SavedOutputs", "outputs_association",
+           "member_file"]
 
 
 def load_association(filename):
@@ -135,3 +136,48 @@ class WiiMatchLibrary(AbstractModelLibrary):
             model.meta.asn.table_name = asn["table_name"]
         if "asn_pool" in asn:
             model.meta.asn.pool_name = asn["asn_pool"]
+
+
+class SavedOutputs:
+    """Mixin for a library over outputs that a step already finalized and saved.
+
+    stpipe calls ``finalize_result`` on a step's library result, which reads
+    (and, on disk, rewrites) every model; a step that saved each output as
+    soon as it was done has already finalized it, so this does nothing.
+    """
+
+    def finalize_result(self, step, reference_files_used):
+        """Nothing to do: each model was finalized before it was saved."""
+
+
+class SavedLibrary(SavedOutputs, WiiMatchLibrary):
+    """A `WiiMatchLibrary` over outputs that were saved as they were produced."""
+
+
+def outputs_association(paths, name="wiimatch_outputs"):
+    """An association dict (absolute paths) over saved output files."""
+    members = [{"expname": os.path.abspath(p), "exptype": "science"} for p in paths]
+    return {"asn_id": "wiimatch", "asn_pool": "wiimatch",
+            "products": [{"name": name, "members": members}]}
+
+
+def member_file(library, index):
+    """The file a library reads model ``index`` from, or None.
+
+    None when the model is held in memory or was changed (kept in a
+    temporary file), i.e. when the file does not hold what the library
+    would return. Used to read models where they are processed (dask
+    workers) instead of through the library.
+    """
+    members = getattr(library, "_members", None)
+    if not members or index >= len(members):
+        return None
+    if index in (getattr(library, "_loaded_models", None) or {}):
+        return None
+    if index in (getattr(library, "_temp_filenames", None) or {}):
+        return None
+    try:
+        path = library._member_to_filename(members[index])
+    except (AttributeError, KeyError, TypeError):
+        return None
+    return path if os.path.isfile(path) else None
