@@ -414,13 +414,15 @@ def _reduce_sky_model(model, index, dqflags, ref, step):
     shape = (int(cy.max()) - y0 + 1, int(cx.max()) - x0 + 1)
     flat = (cy - y0) * shape[1] + (cx - x0)
     size = shape[0] * shape[1]
+    # summed in float64, kept in float32 (relative 6e-8 of a cell's value):
+    # these are held for every exposure until the solve
     sums = {"n": np.bincount(flat, minlength=size), "nd": np.bincount(flat, d, minlength=size)}
     if sigma is not None:
         w = 1.0 / np.square(sigma[ok], dtype=np.float64)
         sums["w"] = np.bincount(flat, w, minlength=size)
         sums["wd"] = np.bincount(flat, w * d, minlength=size)
     red.cells = {"origin": (y0, x0), "shape": shape,
-                 **{k: v.reshape(shape) for k, v in sums.items()}}
+                 **{k: v.reshape(shape).astype(np.float32) for k, v in sums.items()}}
     return red
 
 
@@ -455,30 +457,34 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
     reduced = map_models(library, lambda m, k: _reduce_sky_model(m, k, dqflags, ref, step),
                          modify=False, threads=threads, progress="read", client=client)
 
+    # ERR weights for all, or equal weights for all when an exposure has no ERR
+    missing = [r.name for r in reduced if r.cells is not None and not r.has_err]
+    if missing:
+        log.warning("no usable ERR array in %s: all pixels of all models get equal "
+                    "weight", ", ".join(missing))
+    keys = ("n", "nd") if missing else ("w", "wd")
     # one matching image per exposure group, on a grid whose cell (0, 0) is
-    # the lowest cell any exposure reached
+    # the lowest cell any exposure reached; each exposure's sums are dropped
+    # as soon as its group is built
     gred = []
     for members in groups:
         cells = [reduced[k].cells for k in members if reduced[k].cells is not None]
         g = _Reduced(name=reduced[members[0]].name,
-                     npix=sum(reduced[k].npix for k in members),
-                     has_err=all(reduced[k].has_err for k in members))
+                     npix=sum(reduced[k].npix for k in members))
         if cells:
-            keys = ("n", "nd", "w", "wd") if g.has_err else ("n", "nd")
-            g.origin, sums = _combine_cells(cells, keys)
-            g.data_eq, g.sigma_eq = _mean_sigma(sums[0], sums[1])
-            if g.has_err:
-                g.data, g.sigma = _mean_sigma(sums[2], sums[3])
+            g.origin, (sw, swd) = _combine_cells(cells, keys)
+            g.data, sigma = _mean_sigma(sw, swd)
+            g.sigma = sigma.astype(np.float32)
+        for k in members:
+            reduced[k].cells = None
         gred.append(g)
-    for r in reduced:
-        r.cells = None
     placed = [g for g in gred if g.origin is not None]
     gy0 = min((g.origin[0] for g in placed), default=0)
     gx0 = min((g.origin[1] for g in placed), default=0)
     for g in placed:
         g.origin = (g.origin[0] - gy0, g.origin[1] - gx0)
-    grid_shape = (max((g.origin[0] + g.data_eq.shape[0] for g in placed), default=1),
-                  max((g.origin[1] + g.data_eq.shape[1] for g in placed), default=1))
+    grid_shape = (max((g.origin[0] + g.data.shape[0] for g in placed), default=1),
+                  max((g.origin[1] + g.data.shape[1] for g in placed), default=1))
     center = (float(-gx0), float(-gy0))  # the reference point's cell, (x, y)
     log.info("wiimatch: matching %d exposure groups on a %dx%d grid", len(groups),
              grid_shape[1], grid_shape[0])
