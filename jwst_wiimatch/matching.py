@@ -631,8 +631,7 @@ def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra):
     if subtract:
         entry = {"degree": list(summary.degree), "refpoint": summary.refpoint,
                  "coefficients": outcome.coefficients}
-        records.subtract_background(model, records.evaluate_background(model, entry),
-                                    level=level)
+        records.subtract_polynomial(model, entry, level=level)
 
 
 def apply_outcomes(library, outcomes, summary, *, subtract, solver, dqbits, threads=None,

@@ -12,7 +12,8 @@ from ..core import polyval_nd
 from .frame import grid_world, model_lattice, world_to_frame
 
 __all__ = ["pending_level", "polynomial_coefficients", "evaluate_background",
-           "latest_entry", "subtract_background", "record_result", "record_skipped"]
+           "latest_entry", "subtract_background", "subtract_polynomial", "record_result",
+           "record_skipped"]
 
 
 def pending_level(model):
@@ -150,6 +151,42 @@ def subtract_background(model, background, level=0.0):
     new = data.astype(np.float64)
     new[good] -= bkg[good]
     model.data = new.astype(data.dtype, copy=False)
+
+
+#: Rows of an image evaluated and subtracted at a time by `subtract_polynomial`.
+SUBTRACT_ROWS = 256
+
+
+def subtract_polynomial(model, info, level=0.0):
+    """Subtract ``level`` plus a recorded polynomial from ``model.data``, in place.
+
+    Same result as ``subtract_background(model, evaluate_background(model,
+    info), level)``, but for images the polynomial is evaluated (from a
+    lattice of WCS evaluations) only over the box of finite data and a band
+    of rows at a time, so no full-grid temporary is made. Cubes, and images
+    whose frame is not finite everywhere, go through `evaluate_background`.
+    """
+    data = np.asarray(model.data)
+    lattice = model_lattice(model, _entry(info, "refpoint")[:2]) if data.ndim == 2 else None
+    coef = polynomial_coefficients(info)
+    if lattice is None or coef.ndim != 2:
+        subtract_background(model, evaluate_background(model, info), level=level)
+        return
+    fin_rows = np.flatnonzero(np.isfinite(data).any(axis=1))
+    if fin_rows.size == 0:
+        return
+    fin_cols = np.flatnonzero(np.isfinite(data[fin_rows[0]:fin_rows[-1] + 1]).any(axis=0))
+    cols = slice(int(fin_cols[0]), int(fin_cols[-1]) + 1)
+    out = data if data.flags.writeable else data.copy()
+    for r0 in range(int(fin_rows[0]), int(fin_rows[-1]) + 1, SUBTRACT_ROWS):
+        rows = slice(r0, min(r0 + SUBTRACT_ROWS, int(fin_rows[-1]) + 1))
+        bkg = polyval_nd(coef, *lattice.box(rows, cols)) + float(level)
+        band = out[rows, cols].astype(np.float64)
+        good = np.isfinite(bkg)
+        band[good] -= bkg[good]
+        out[rows, cols] = band
+    if out is not data:
+        model.data = out
 
 
 def _channel(model):
