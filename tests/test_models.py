@@ -174,3 +174,22 @@ def test_subtract_background_keeps_nan():
     adapters.subtract_background(m, np.array([[0.5, 0.5], [np.nan, 1.0]]), level=0.25)
     np.testing.assert_allclose(m.data, [[0.25, np.nan], [3.0, 2.75]])
     assert m.data.dtype == np.float32
+
+
+@pytest.mark.parametrize("rows", [7, 256])
+def test_subtract_polynomial_equals_full_grid_subtraction(rows, monkeypatch):
+    """Band-by-band subtraction over the finite box == subtracting the evaluated array."""
+    from jwst_wiimatch.models import records
+
+    monkeypatch.setattr(records, "SUBTRACT_ROWS", rows)
+    models, _, ref = h.make_models(n=1, shape=(61, 47), degree=2)
+    m = models[0]
+    info = {"degree": [2, 2], "refpoint": ref,
+            "coefficients": list(np.arange(1.0, 10.0) * [1, 30, 900, -20, 400, 5, 7, 3, 1])}
+    expected = m.copy()
+    adapters.subtract_background(expected, adapters.evaluate_background(expected, info),
+                                 level=0.25)
+    records.subtract_polynomial(m, info, level=0.25)
+    np.testing.assert_array_equal(np.isnan(m.data), np.isnan(expected.data))
+    np.testing.assert_allclose(m.data, expected.data, rtol=1e-6, atol=1e-6)
+    assert m.data.dtype == expected.data.dtype
