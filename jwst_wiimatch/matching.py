@@ -33,6 +33,7 @@ so at most ``threads`` models are in flight. Nothing here imports stpipe's
 """
 
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -47,7 +48,7 @@ from .core.inputs import check_degree
 from .core.poly import coef_from_scaled
 from .models import frame as fr
 from .models import pixels, records
-from .models.library import member_file
+from .models.library import member_file, open_for_reading
 
 __all__ = ["Outcome", "MatchSummary", "match_models", "apply_outcomes", "map_models",
            "default_threads", "parse_degree"]
@@ -64,15 +65,23 @@ def default_threads():
     return max(1, min(8, n))
 
 
-def _call_on_file(path, function, index):
-    """``function(model, index)`` on the model read from ``path`` (a dask task)."""
+def _call_on_file(path, function, index, read_only=True):
+    """``function(model, index)`` on the model read from ``path``.
+
+    ``read_only``: the model is read only where it is touched
+    (`open_for_reading`); else it is opened whole, to be changed.
+    """
+    if read_only:
+        with open_for_reading(path) as model:
+            return function(model, index)
     from stdatamodels.jwst import datamodels
 
     with datamodels.open(path) as model:
         return function(model, index)
 
 
-def map_models(library, function, *, modify, threads=None, progress=None, client=None):
+def map_models(library, function, *, modify, threads=None, progress=None, client=None,
+               read_only=False):
     """``[function(model, index) for each model]``, on ``threads`` worker threads.
 
     Each worker borrows its model from ``library`` (an stpipe model library)
@@ -82,26 +91,38 @@ def map_models(library, function, *, modify, threads=None, progress=None, client
     models is logged as ``wiimatch: read k/n models``. With a dask
     ``client`` and ``modify=False``, models that the library would read from
     files are read and processed by tasks on the cluster instead (the files
-    must be visible to its workers).
+    must be visible to its workers). ``read_only=True`` promises that
+    ``function`` changes nothing: models kept in files are then read only
+    where they are touched (memory-mapped FITS).
     """
     n = len(library)
     threads = default_threads() if threads is None else max(1, int(threads))
     done = itertools.count(1)
     every = max(1, n // 10)
-    if client is not None and not modify:
-        paths = [member_file(library, k) for k in range(n)]
+    # models that the library would read from files, when nothing is kept:
+    # read them where the work is done (only what is touched, for reading)
+    paths = [member_file(library, k) for k in range(n)] if not modify else [None] * n
+    if client is not None:
         if n and all(paths):
             log.info("wiimatch: %d models to %s on the dask cluster", n, progress or "process")
-            futures = client.map(_call_on_file, paths, [function] * n, range(n), pure=False)
+            futures = client.map(_call_on_file, paths, [function] * n, range(n),
+                                 [read_only] * n, pure=False)
             return client.gather(futures)
         log.info("wiimatch: models held in memory are processed here, not on the cluster")
 
     def one(index):
-        model = library.borrow(index)
         try:
-            return function(model, index)
+            if read_only and paths[index] is not None:
+                return _call_on_file(paths[index], function, index)
+            model = library.borrow(index)
+            try:
+                return function(model, index)
+            finally:
+                library.shelve(model, index, modify=modify)
         finally:
-            library.shelve(model, index, modify=modify)
+            # a datamodel holds reference cycles (asdf tree, WCS): free the
+            # one just used now, not when the collector next runs
+            gc.collect()
             k = next(done)
             if progress and n >= 10 and k % every == 0:
                 log.info("wiimatch: %s %d/%d models", progress, k, n)
@@ -263,9 +284,7 @@ def _first_model(library):
     in-memory library does not start caching models), else borrowed."""
     path = member_file(library, 0)
     if path is not None:
-        from stdatamodels.jwst import datamodels
-
-        with datamodels.open(path) as model:
+        with open_for_reading(path) as model:
             yield model
         return
     with library:
@@ -302,7 +321,8 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
     log.info("wiimatch: reading %d models (%s)", len(library),
              f"{b}x{b} blocks" if b > 1 else "every pixel")
     reduced = map_models(library, lambda m, k: _reduce_grid_model(m, k, dqflags, b, checker),
-                         modify=False, threads=threads, progress="read", client=client)
+                         modify=False, threads=threads, progress="read", client=client,
+                         read_only=True)
     grid_shape = tuple(-(-n // b) for n in checker.shape) if b > 1 else checker.shape
 
     if lattice is not None:
@@ -455,7 +475,8 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
              "pixels) in the tangent plane about (%.6f, %.6f)", len(library), step * 3600,
              binning, ref[0], ref[1])
     reduced = map_models(library, lambda m, k: _reduce_sky_model(m, k, dqflags, ref, step),
-                         modify=False, threads=threads, progress="read", client=client)
+                         modify=False, threads=threads, progress="read", client=client,
+                         read_only=True)
 
     # ERR weights for all, or equal weights for all when an exposure has no ERR
     missing = [r.name for r in reduced if r.cells is not None and not r.has_err]
