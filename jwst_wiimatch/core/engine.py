@@ -18,7 +18,7 @@ from .solve import MatchWarning, assemble, gram_index, pinv_tol, solve_system
 
 __all__ = ["MatchResult", "match_backgrounds"]
 
-log = logging.getLogger("jwst_wiimatch")
+log = logging.getLogger(__name__)
 
 
 @dataclass
