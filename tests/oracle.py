@@ -75,7 +75,12 @@ def design_matrix(coords, degree):
 
 
 def polyval_nd(coef_nd, coords):
-    """Evaluate sum_p C[p] * prod_j coords[j]**p[j] with explicit loops."""
+    """Evaluate sum_p C[p] * prod_j coords[j]**p[j] with explicit loops.
+
+    ``coords`` is a sequence in (x, y, ...) order, matching the axes of
+    ``coef_nd``. The one brute-force polynomial evaluator of the tests (the
+    step and pipeline helpers use it too).
+    """
     coef_nd = np.asarray(coef_nd, dtype=float)
     out = np.zeros(np.shape(coords[0]))
     for p in itertools.product(*[range(n) for n in coef_nd.shape]):

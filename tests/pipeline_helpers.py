@@ -10,7 +10,8 @@ a matching ERR / VAR_RNOISE. The metadata is what jwst 3.0.0's
 Backgrounds are injected as planes in the gnomonic standard coordinates
 ``(xi, eta)`` (degrees) about the field center, computed by
 ``step_helpers.standard_coords`` (a vector formula independent of the
-package under test).
+package under test) and evaluated with ``oracle.polyval_nd``; the detector
+WCS comes from ``step_helpers.tan_wcs``.
 """
 
 import json
@@ -18,6 +19,7 @@ import os
 
 import numpy as np
 
+import oracle as O
 import step_helpers as h
 
 #: Field center (ICRS degrees).
@@ -44,32 +46,6 @@ def gradient_coefficients(plane):
     return c
 
 
-def tan_wcs(shape, crval, roll_deg, pixscale_arcsec=PIXSCALE):
-    """A gwcs TAN WCS ``detector -> world`` (frame names as jwst's imaging WCS)."""
-    from astropy import coordinates as coord
-    from astropy import units as u
-    from astropy.modeling import models
-    from gwcs import coordinate_frames as cf
-    from gwcs import wcs
-
-    ny, nx = shape
-    scale = pixscale_arcsec / 3600.0
-    th = np.radians(roll_deg)
-    pc = np.array([[-np.cos(th), np.sin(th)], [np.sin(th), np.cos(th)]]) * scale
-    transform = ((models.Shift(-(nx - 1) / 2.0) & models.Shift(-(ny - 1) / 2.0))
-                 | models.AffineTransformation2D(matrix=pc)
-                 | models.Pix2Sky_TAN()
-                 | models.RotateNative2Celestial(crval[0], crval[1], 180.0))
-    det = cf.Frame2D(name="detector", axes_names=("x", "y"), unit=(u.pix, u.pix))
-    sky = cf.CelestialFrame(reference_frame=coord.ICRS(), name="world",
-                            axes_names=("lon", "lat"), unit=(u.deg, u.deg))
-    w = wcs.WCS([(det, transform), (sky, None)])
-    w.bounding_box = ((-0.5, nx - 0.5), (-0.5, ny - 0.5))
-    w.pixel_shape = (nx, ny)
-    w.array_shape = (ny, nx)
-    return w
-
-
 #: offset (arcsec, east) of the second detector of an exposure
 DETECTOR_GAP = 6.9
 
@@ -80,7 +56,10 @@ def exposure_wcs(k, shape=SHAPE, detector=0):
     dx = dx + detector * DETECTOR_GAP
     dec = FIELD[1] + dy / 3600.0
     ra = FIELD[0] + dx / 3600.0 / np.cos(np.radians(dec))
-    return tan_wcs(shape, (ra, dec), roll), (ra, dec)
+    # jwst's imaging WCS: celestial frame "world" with axes lon, lat, and shapes set
+    w = h.tan_wcs(shape, (ra, dec), PIXSCALE, rotation_deg=roll,
+                  sky_axes_names=("lon", "lat"), with_shape=True)
+    return w, (ra, dec)
 
 
 def sky_model(ra, dec, seed=7):
@@ -99,7 +78,7 @@ def sky_model(ra, dec, seed=7):
 def injected_background(k, ra, dec):
     """Background plane of exposure ``k`` at sky positions."""
     xi, eta = h.standard_coords(ra, dec, *FIELD)
-    return h.poly_eval(gradient_coefficients(PLANES[k]), xi, eta)
+    return O.polyval_nd(gradient_coefficients(PLANES[k]), [xi, eta])
 
 
 def s_region(w, shape=SHAPE):
@@ -117,8 +96,7 @@ def make_cal(k, backgrounds=True, seed=100, shape=SHAPE, detector=0):
 
     rng = np.random.default_rng(seed + k + 50 * detector)
     w, (ra0, dec0) = exposure_wcs(k, shape, detector)
-    pix = np.indices(shape, dtype=np.float64)[::-1]
-    ra, dec = w(*pix, with_bounding_box=False)
+    ra, dec = h.grid_world(w, shape)
     data = sky_model(ra, dec)
     if backgrounds:
         data = data + injected_background(k, ra, dec)

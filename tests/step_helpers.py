@@ -2,7 +2,9 @@
 
 Everything here is independent of the adapters under test: the tangent-plane
 coordinates used to inject backgrounds are computed with a vector formula,
-not with ``jwst_wiimatch.models``.
+not with ``jwst_wiimatch.models``, and backgrounds are evaluated with the
+brute-force ``oracle.polyval_nd``. ``tan_wcs`` is the one TAN gwcs builder
+of the tests.
 """
 
 import json
@@ -10,12 +12,27 @@ import os
 
 import numpy as np
 
+import oracle as O
 
-def tan_wcs(shape, crval, pixscale_arcsec=0.1, rotation_deg=0.0, spectral=None):
-    """A gwcs TAN WCS for a grid of numpy ``shape`` centered at ``crval``.
+
+def tan_wcs(shape, crval, pixscale_arcsec=0.1, rotation_deg=0.0, spectral=None,
+            sky_axes_names=None, with_shape=False):
+    """A gwcs TAN WCS ``detector -> world`` for a grid of numpy ``shape``.
+
+    The tangent point ``crval`` (ICRS degrees) is at the grid center
+    ``((nx - 1) / 2, (ny - 1) / 2)``; pixels are ``pixscale_arcsec`` square,
+    +x to the west (RA decreasing) and +y to the north at
+    ``rotation_deg = 0``, the axes turned by ``rotation_deg`` (a roll; at 90,
+    +x is north).
+    The bounding box is the grid, pixel edges included.
 
     ``spectral=(lam0, dlam)`` adds a linear wavelength axis (cubes): plane z
-    has wavelength ``lam0 + dlam * z`` (microns).
+    has wavelength ``lam0 + dlam * z`` (microns); the celestial frame is then
+    named ``sky`` inside a composite frame ``world``. Without it the
+    celestial frame itself is ``world``, as JWST names the output frame of
+    its imaging gwcs. ``sky_axes_names`` names the celestial axes (gwcs's
+    default when None). ``with_shape`` also sets ``pixel_shape`` and
+    ``array_shape`` (as the WCS of a jwst ``cal`` product has them).
     """
     from astropy import coordinates as coord
     from astropy import units as u
@@ -32,27 +49,29 @@ def tan_wcs(shape, crval, pixscale_arcsec=0.1, rotation_deg=0.0, spectral=None):
            | models.AffineTransformation2D(matrix=pc)
            | models.Pix2Sky_TAN()
            | models.RotateNative2Celestial(crval[0], crval[1], 180.0))
-    # JWST names the output frame of a gwcs "world"
+    frame_kw = {} if sky_axes_names is None else {"axes_names": tuple(sky_axes_names)}
     sky_frame = cf.CelestialFrame(reference_frame=coord.ICRS(),
                                   name="world" if spectral is None else "sky",
-                                  unit=(u.deg, u.deg))
+                                  unit=(u.deg, u.deg), **frame_kw)
     if spectral is None:
         det = cf.Frame2D(name="detector", axes_names=("x", "y"), unit=(u.pix, u.pix))
         w = wcs.WCS([(det, sky), (sky_frame, None)])
         w.bounding_box = ((-0.5, nx - 0.5), (-0.5, ny - 0.5))
-        return w
-    nz = shape[0]
-    lam0, dlam = spectral
-    spec = models.Scale(dlam) | models.Shift(lam0)
-    det = cf.Frame2D(name="detector", axes_names=("x", "y"), unit=(u.pix, u.pix))
-    det = cf.CoordinateFrame(naxes=3, axes_type=("PIXEL", "PIXEL", "PIXEL"),
-                             axes_order=(0, 1, 2), name="detector",
-                             axes_names=("x", "y", "z"), unit=(u.pix, u.pix, u.pix))
-    spec_frame = cf.SpectralFrame(name="spectral", unit=(u.micron,),
-                                  axes_order=(2,), axes_names=("wavelength",))
-    world = cf.CompositeFrame([sky_frame, spec_frame], name="world")
-    w = wcs.WCS([(det, sky & spec), (world, None)])
-    w.bounding_box = ((-0.5, nx - 0.5), (-0.5, ny - 0.5), (-0.5, nz - 0.5))
+    else:
+        nz = shape[0]
+        lam0, dlam = spectral
+        spec = models.Scale(dlam) | models.Shift(lam0)
+        det = cf.CoordinateFrame(naxes=3, axes_type=("PIXEL", "PIXEL", "PIXEL"),
+                                 axes_order=(0, 1, 2), name="detector",
+                                 axes_names=("x", "y", "z"), unit=(u.pix, u.pix, u.pix))
+        spec_frame = cf.SpectralFrame(name="spectral", unit=(u.micron,),
+                                      axes_order=(2,), axes_names=("wavelength",))
+        world = cf.CompositeFrame([sky_frame, spec_frame], name="world")
+        w = wcs.WCS([(det, sky & spec), (world, None)])
+        w.bounding_box = ((-0.5, nx - 0.5), (-0.5, ny - 0.5), (-0.5, nz - 0.5))
+    if with_shape:
+        w.pixel_shape = tuple(shape[::-1])
+        w.array_shape = tuple(shape)
     return w
 
 
@@ -69,15 +88,18 @@ def standard_coords(ra, dec, ra0, dec0):
             np.degrees(np.tensordot(eeta, p, 1) / den))
 
 
-def poly_eval(coef, *coords):
-    """Evaluate coefficient array ``coef[i, j(, k)]`` * x**i y**j (z**k)."""
-    out = np.zeros(np.shape(coords[0]))
-    for idx in np.ndindex(np.shape(coef)):
-        term = coef[idx]
-        for e, c in zip(idx, coords):
-            term = term * np.asarray(c, dtype=np.float64) ** e
-        out = out + term
-    return out
+def grid_world(w, shape):
+    """World coordinates of every pixel of a grid of numpy ``shape`` through
+    the WCS ``w`` (no bounding box), in the WCS's output order."""
+    pix = np.indices(shape, dtype=np.float64)[::-1]
+    return w(*pix, with_bounding_box=False)
+
+
+def grid_frame(w, shape, ref):
+    """(xi, eta[, dlam]) of every pixel of a grid about ``ref`` (vector formula)."""
+    world = grid_world(w, shape)
+    xi, eta = standard_coords(world[0], world[1], ref[0], ref[1])
+    return [xi, eta] + ([world[2] - ref[2]] if len(shape) == 3 else [])
 
 
 def make_models(n=4, shape=(48, 56), crval=(150.0, 2.0), degree=1, seed=1,
@@ -94,13 +116,9 @@ def make_models(n=4, shape=(48, 56), crval=(150.0, 2.0), degree=1, seed=1,
     rng = np.random.default_rng(seed)
     w = tan_wcs(shape, crval, pixscale_arcsec, rotation_deg,
                 spectral=spectral if cube else None)
-    idx = np.indices(shape, dtype=np.float64)
-    pix = idx[::-1]
-    world = w(*pix, with_bounding_box=False)
     center = [np.array([(s - 1) / 2.0]) for s in shape[::-1]]
     ref = [float(np.ravel(v)[0]) for v in w(*center)]
-    xi, eta = standard_coords(world[0], world[1], ref[0], ref[1])
-    frame = [xi, eta] + ([world[2] - ref[2]] if cube else [])
+    frame = grid_frame(w, shape, ref)
     ndim = len(shape)
     deg = (degree,) * ndim if np.isscalar(degree) else tuple(degree)
     # sources: the same in every exposure
@@ -123,7 +141,7 @@ def make_models(n=4, shape=(48, 56), crval=(150.0, 2.0), degree=1, seed=1,
             coef[e] = rng.uniform(-size, size) / np.prod([ext[a] ** e[a] for a in range(ndim)])
         coef.flat[0] += 3.0
         truths.append(coef)
-        bkg = poly_eval(coef, *frame)
+        bkg = O.polyval_nd(coef, frame)
         err = np.full(shape, noise, dtype=np.float32)
         data = (scene + bkg + rng.normal(0, noise, shape)).astype(np.float32)
         # footprint: a band covering ~70% of the grid, shifted per exposure
@@ -180,11 +198,7 @@ def write_asn(models, folder, name="asn.json"):
 
 def frame_of_grid(model, ref):
     """(xi, eta[, dlam]) of every pixel of ``model`` about ``ref`` (vector formula)."""
-    shape = model.data.shape
-    pix = np.indices(shape, dtype=np.float64)[::-1]
-    world = model.meta.wcs(*pix, with_bounding_box=False)
-    xi, eta = standard_coords(world[0], world[1], ref[0], ref[1])
-    return [xi, eta] + ([world[2] - ref[2]] if len(shape) == 3 else [])
+    return grid_frame(model.meta.wcs, model.data.shape, ref)
 
 
 def relative_error(recovered, truths, masks, stat="rms"):

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+import oracle as O
 import pipeline_helpers as ph
 import step_helpers as h
 from jwst_wiimatch.matching import match_models
@@ -36,7 +37,7 @@ def sky_error(outcomes, summary, models):
         ra, dec = models[k].meta.wcs(*pix, with_bounding_box=False)
         xi, eta = h.standard_coords(ra, dec, *summary.refpoint[:2])
         shape = [d + 1 for d in summary.degree]
-        rec = [h.poly_eval(np.reshape(outcomes[j].coefficients, shape), xi, eta)
+        rec = [O.polyval_nd(np.reshape(outcomes[j].coefficients, shape), [xi, eta])
                for j in (0, k)]
         true = [ph.injected_background(j, ra, dec) for j in (0, k)]
         d = (rec[1] - rec[0]) - (true[1] - true[0])

@@ -13,7 +13,6 @@ pytest.importorskip("stpipe")
 pytest.importorskip("stdatamodels")
 pytest.importorskip("gwcs")
 
-sys.path.insert(0, os.path.dirname(__file__))
 import step_helpers as h  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
