@@ -32,6 +32,8 @@ __all__ = ["PairMoments", "accumulate"]
 BLOCK_PIXELS = 1 << 16
 # Bound on the bytes of per-image block arrays held at once (all images).
 BLOCK_BYTES = 48 << 20
+# Bound on the bytes of a world block's monomials and coordinates.
+WORLD_BYTES = 16 << 20
 
 
 @dataclass
@@ -112,6 +114,34 @@ def block_shape(shape, max_pixels):
     return tuple(bs)
 
 
+def axis_cuts(n, length, edges):
+    """Cut ``range(n)`` into pieces of at most about ``length`` that respect ``edges``.
+
+    The pieces start at every edge (positions where some image's box starts or
+    ends), so that, within a block, the boxes cover all or nothing of the
+    block along this axis and the stacked pair operations of the block waste
+    no work on pixels outside a pair's overlap. Pieces between two edges are
+    split evenly; pieces shorter than ``length / 4`` are merged into the
+    previous one (a little waste rather than many tiny blocks). Returns the
+    list of ``(start, stop)``.
+    """
+    cuts = sorted({0, n} | {int(e) for e in edges if 0 < e < n})
+    pieces = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        k = -(-(b - a) // length)
+        bounds = [a + (b - a) * i // k for i in range(k + 1)]
+        pieces.extend(zip(bounds[:-1], bounds[1:]))
+    small = max(1, length // 4)
+    out = []
+    for a, b in pieces:
+        if out and (b - a < small or out[-1][1] - out[-1][0] < small) \
+                and b - out[-1][0] <= length + small:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
 # Smallest usable sigma: its square is still a normal float64.
 SIGMA_MIN = float(np.sqrt(np.finfo(np.float64).tiny))
 
@@ -161,19 +191,62 @@ def _prepare_image(prob, l, box):
     return d, var, valid, nonfinite
 
 
-def _weights(img_l, img_m, out):
-    """Fill ``out[0]`` with ``w = 1 / (var_l + var_m)`` and ``out[1]`` with ``w (d_l - d_m)``.
+def _fill_image(prob, l, box, d, var):
+    """Write image ``l`` over ``box`` into its slots of a block's stacks.
 
-    ``img_l`` and ``img_m`` are ``(data, variance)`` boxes (variance is inf
-    where a pixel is not valid, so ``w`` is 0 there). Returns ``sum w (d_l - d_m)**2``.
+    ``d`` and ``var`` are views of the box's shape. On return they hold what
+    :func:`_prepare_image` gives: data (0 where not valid) and variance (inf
+    where not valid). Returns ``(valid, nonfinite)``: the validity (None when
+    every pixel of the box is valid) and the count of non-finite valid
+    pixels. The common cases (every pixel the mask marks valid is finite,
+    with a usable sigma) cost a few whole-box operations, which release the
+    GIL; anything else goes through :func:`_prepare_image`.
     """
-    (dl, vl), (dm, vm) = img_l, img_m
-    w, wd = out[0], out[1]
-    np.add(vl, vm, out=w)
-    np.reciprocal(w, out=w)
-    diff = dl - dm
-    np.multiply(w, diff, out=wd)
-    return float(np.vdot(wd, diff))
+    s = prob.sigmas[l]
+    if isinstance(s, float) and not (s > SIGMA_MIN and np.isfinite(s)):
+        d[...] = 0.0
+        var[...] = np.inf
+        return np.zeros(d.shape, dtype=bool), _prepare_image(prob, l, box)[3]
+    sl = _slices(box, prob.origins[l])
+    src = np.asarray(prob.images[l][sl])
+    m = prob.masks[l]
+    mb = None if m is None else np.asarray(m[sl]).astype(bool, copy=False)
+    if mb is not None and mb.all():
+        mb = None
+    sb = None if isinstance(s, float) else np.asarray(s[sl])
+    if mb is None:
+        np.copyto(d, src)
+        if sb is None:
+            var.fill(s * s)
+        else:
+            np.square(sb, out=var, dtype=np.float64)
+    else:
+        d[...] = 0.0
+        var[...] = np.inf
+        np.copyto(d, src, where=mb)
+        if sb is None:
+            np.copyto(var, s * s, where=mb)
+        else:
+            np.square(sb, out=var, where=mb, dtype=np.float64)
+    ok = True
+    if sb is not None:
+        ok = bool((np.min(sb) if mb is None else np.min(sb, where=mb, initial=np.inf))
+                  > SIGMA_MIN)
+    # A finite sum of d * var over the valid pixels means every term is
+    # finite: the data and the variances are (var > 0 there). An overflow of
+    # the sum only sends us down the careful path.
+    if ok:
+        if mb is None:
+            ok = np.isfinite(np.vdot(d, var))
+        else:
+            ok = np.isfinite(np.add.reduce(d, axis=None)) and \
+                np.isfinite(np.max(var, where=mb, initial=0.0))
+    if ok:
+        return mb, 0
+    dd, vv, valid, nonfinite = _prepare_image(prob, l, box)
+    d[...] = dd
+    var[...] = vv
+    return (None if valid.all() else valid), nonfinite
 
 
 def _powers(u, maxdeg):
@@ -191,25 +264,87 @@ def _contract_separable(arr, axis_powers, sub):
     ``arr`` has shape ``(B, s_0, ..., s_{n-1})`` (numpy order); the result
     ``out[b, r_x, r_y, ...] = sum arr[b] * prod_j P_j[i_j, r_j]`` has its
     exponent axes in ``(x, y, ...)`` order. ``sub`` are the box's slices.
+    One 2-D ``np.dot`` per axis (BLAS, without the GIL): the last axis is
+    contracted and its exponent axis moved in front of the remaining pixel
+    axes.
     """
     nd = arr.ndim - 1
-    for k in range(nd - 1, -1, -1):
-        arr = np.tensordot(arr, axis_powers[nd - 1 - k][sub[k]], axes=([k + 1], [0]))
+    for j in range(nd):
+        p = axis_powers[j][sub[nd - 1 - j]]
+        shape = arr.shape[:-1] + (p.shape[1],)
+        arr = np.dot(arr.reshape(-1, arr.shape[-1]), p).reshape(shape)
+        if j < nd - 1:
+            arr = np.ascontiguousarray(np.moveaxis(arr, -1, 1 + j))
     return arr
 
 
-# Pairs whose weights are stacked into one matrix product (world coordinates).
-PAIR_BATCH = 32
+# Most pairs whose weights are stacked at once, and bound on the elements of
+# one such stack (pairs x pixels): the stacks are few whole-array operations
+# (which release the GIL) and the moments one matrix product per stack.
+PAIR_BATCH = 64
+STACK_ELEMS = 1 << 17
 
 
-class _Pair(NamedTuple):
-    """A pair of images overlapping in a block: what its sums need."""
+class _BlockSums(NamedTuple):
+    """What one block adds: per pair (rows of ``keys``) and per image."""
 
-    key: tuple  # (l, m), l < m
-    box: tuple  # intersection of the two images' boxes, grid coordinates
-    img_l: tuple  # (data, variance) of image l over the box
-    img_m: tuple
-    npix: int  # pixels valid in both
+    keys: list  # (l, m), l < m
+    S: np.ndarray  # (P, prod(2 D + 1)) moments of w
+    T: np.ndarray  # (P, prod(D + 1)) moments of w (I_l - I_m)
+    chi: np.ndarray  # (P,)
+    npix: np.ndarray  # (P,) int64
+    image_npix: np.ndarray  # (n,) int64
+    nonfinite: np.ndarray  # (n,) int64
+    bad_coords: int
+
+
+class _Sums:
+    """Running sums of block results, one row per pair met so far."""
+
+    def __init__(self, n, nS, nT):
+        self.n = n
+        self.rows = {}
+        self.S = np.zeros((16, nS))
+        self.T = np.zeros((16, nT))
+        self.chi = np.zeros(16)
+        self.npix = np.zeros(16, dtype=np.int64)
+        self.image_npix = np.zeros(n, dtype=np.int64)
+        self.nonfinite = np.zeros(n, dtype=np.int64)
+        self.bad_coords = 0
+
+    def _grow(self, need):
+        cap = max(need, 2 * len(self.chi))
+        for name in ("S", "T", "chi", "npix"):
+            old = getattr(self, name)
+            new = np.zeros((cap,) + old.shape[1:], dtype=old.dtype)
+            new[:len(old)] = old
+            setattr(self, name, new)
+
+    def add(self, part):
+        self.image_npix += part.image_npix
+        self.nonfinite += part.nonfinite
+        self.bad_coords += part.bad_coords
+        if not part.keys:
+            return
+        rows = self.rows
+        idx = [rows.setdefault(k, len(rows)) for k in part.keys]
+        if len(rows) > len(self.chi):
+            self._grow(len(rows))
+        # keys of one block are distinct, so fancy-index += adds every row
+        self.S[idx] += part.S
+        self.T[idx] += part.T
+        self.chi[idx] += part.chi
+        self.npix[idx] += part.npix
+
+    def moments(self, mshape, dshape):
+        res = PairMoments(self.n, image_npix=self.image_npix, nonfinite=self.nonfinite,
+                          bad_coords=self.bad_coords)
+        for key, r in self.rows.items():
+            res.S[key] = self.S[r].reshape(mshape).copy()
+            res.T[key] = self.T[r].reshape(dshape).copy()
+            res.chi[key] = float(self.chi[r])
+            res.npix[key] = int(self.npix[r])
+        return res
 
 
 class _Accumulator:
@@ -220,35 +355,41 @@ class _Accumulator:
         self.n = len(prob.images)
         self.deg = prob.degree
         self.mdeg = tuple(2 * d for d in self.deg)
+        self.mshape = tuple(d + 1 for d in self.mdeg)
+        self.dshape = tuple(d + 1 for d in self.deg)
         self.dsl = tuple(slice(0, d + 1) for d in self.deg)
         if frame.separable:
             self.axis_powers = [np.ascontiguousarray(_powers(frame.axis_u(j), self.mdeg[j]).T)
                                 for j in range(frame.ndim)]
 
-    def _world_monomials(self, bslices):
-        """Monomials of the block's scaled world coordinates.
+    def _world_monomials(self, u, ok):
+        """Monomials of scaled world coordinates (``u``: one flat array per axis).
 
         Returns ``phi`` (``R x npix``: ``u**r`` for every ``r <= 2 D``, C order
-        over ``(r_x, r_y, ...)``) and the mask of pixels whose coordinates are
-        finite (block shape).
+        over ``(r_x, r_y, ...)``) and ``phid`` (the rows ``r <= D``, same
+        order). Where ``ok`` (None: everywhere) is False they are 0.
         """
-        u = self.frame.block_u(bslices)
-        ok = np.ones(u[0].shape, dtype=bool)
-        for a in u:
-            ok &= np.isfinite(a)
-        npix = ok.size
-        phi = np.ones((1, npix))
-        for j, a in enumerate(u):
-            p = _powers(np.where(ok, a, 0.0).ravel(), self.mdeg[j])
-            phi = (phi[:, None, :] * p[None, :, :]).reshape(-1, npix)
-        return phi, ok
+        npix = u[0].size
+        pows = [_powers(a if ok is None else np.where(ok, a, 0.0), md)
+                for a, md in zip(u, self.mdeg)]
+
+        def outer(sizes):
+            phi = pows[0][:sizes[0]]
+            for p, sz in zip(pows[1:], sizes[1:]):
+                phi = (phi[:, None, :] * p[None, :sz, :]).reshape(-1, npix)
+            return phi
+
+        return outer(self.mshape), outer(self.dshape)
 
     def block(self, bslices):
         n = self.n
-        res = PairMoments(n, image_npix=np.zeros(n, dtype=np.int64),
-                          nonfinite=np.zeros(n, dtype=np.int64))
+        nd = len(bslices)
+        image_npix = np.zeros(n, dtype=np.int64)
+        nonfinite = np.zeros(n, dtype=np.int64)
+        nS, nT = int(np.prod(self.mshape)), int(np.prod(self.dshape))
+        empty = _BlockSums([], np.zeros((0, nS)), np.zeros((0, nT)), np.zeros(0),
+                           np.zeros(0, dtype=np.int64), image_npix, nonfinite, 0)
         block_box = tuple((s.start, s.stop) for s in bslices)
-        origin = tuple(s.start for s in bslices)
         boxes = []
         for l in range(n):
             if self.bboxes[l] is None:
@@ -257,77 +398,159 @@ class _Accumulator:
             if box is not None:
                 boxes.append((l, box))
         if not boxes:
-            return res
+            return empty
+        if len(boxes) == 1:  # no pairs; only the non-finite pixels to count
+            l, box = boxes[0]
+            nonfinite[l] += _prepare_image(self.prob, l, box)[3]
+            return empty
 
-        phi = ok = None
-        if not self.frame.separable and len(boxes) > 1:
-            phi, ok = self._world_monomials(bslices)
+        # The part of the block that some image covers, and stacks of the
+        # images' data and variance over it (flattened).
+        ebox = tuple((min(b[k][0] for _, b in boxes), max(b[k][1] for _, b in boxes))
+                     for k in range(nd))
+        origin = tuple(lo for lo, _ in ebox)
+        eshape = tuple(hi - lo for lo, hi in ebox)
+        npx = int(np.prod(eshape))
+        rowlen = npx // eshape[0]
+        k = len(boxes)
+        labels = [l for l, _ in boxes]
+        subs = [_slices(box, origin) for _, box in boxes]
+        full = [box == ebox for _, box in boxes]
+        D = np.empty((k, npx))
+        V = np.empty((k, npx))
+        valids = []
+        for i, (l, box) in enumerate(boxes):
+            Di, Vi = D[i].reshape(eshape), V[i].reshape(eshape)
+            if not full[i]:
+                Di.fill(0.0)
+                Vi.fill(np.inf)
+            valid, nf = _fill_image(self.prob, l, box, Di[subs[i]], Vi[subs[i]])
+            nonfinite[l] += nf
+            valids.append(valid)
 
-        active = []
-        count = np.zeros([hi - lo for lo, hi in block_box], dtype=np.int32)
-        for l, box in boxes:
-            d, var, valid, nonfinite = _prepare_image(self.prob, l, box)
-            res.nonfinite[l] += nonfinite
-            if ok is not None:
-                bad = valid & ~ok[_slices(box, origin)]
-                if bad.any():
-                    res.bad_coords += int(np.count_nonzero(bad))
-                    valid &= ~bad
-                    var[bad] = np.inf
-                    d[bad] = 0.0
-            if not valid.any():
-                continue
-            count[_slices(box, origin)] += valid
-            active.append((l, box, d, var, valid))
+        Q = None  # validity rows (1.0 / 0.0), only where some box is partly valid
 
-        for l, box, _, _, valid in active:
-            res.image_npix[l] += np.count_nonzero(valid & (count[_slices(box, origin)] > 1))
+        def validity():
+            q = np.zeros((k,) + eshape)
+            for i in range(k):
+                q[i][subs[i]] = 1.0 if valids[i] is None else valids[i]
+            return q.reshape(k, npx)
 
-        pairs = []
-        for (l, bl, dl, vl, ql), (m, bm, dm, vm, qm) in itertools.combinations(active, 2):
-            pbox = _intersect(bl, bm)
-            if pbox is None:
-                continue
-            sl_l = _slices(pbox, [lo for lo, _ in bl])
-            sl_m = _slices(pbox, [lo for lo, _ in bm])
-            npix = int(np.count_nonzero(ql[sl_l] & qm[sl_m]))
-            if npix:
-                pairs.append(_Pair((l, m), pbox, (dl[sl_l], vl[sl_l]), (dm[sl_m], vm[sl_m]), npix))
-        if not pairs:
-            return res
+        if any(v is not None for v in valids):
+            Q = validity()
+        bad_coords = 0
+        u = ok = None
+        if not self.frame.separable:
+            u = [a.ravel() for a in self.frame.block_u(_slices(ebox))]
+            ok = np.ones(npx, dtype=bool)
+            for a in u:
+                ok &= np.isfinite(a)
+            if ok.all():
+                ok = None
+            else:
+                if Q is None:
+                    Q = validity()
+                notok = ~ok
+                bad_coords = int(np.count_nonzero(Q[:, notok]))
+                Q[:, notok] = 0.0
+                D[:, notok] = 0.0
+                V[:, notok] = np.inf
 
-        if self.frame.separable:
-            for p in pairs:
-                buf = np.empty((2,) + p.img_l[0].shape)
-                chi = _weights(p.img_l, p.img_m, buf)
-                mom = _contract_separable(buf, self.axis_powers, _slices(p.box))
-                res.add_pair(p.key, mom[0], mom[1][(Ellipsis,) + self.dsl], chi, p.npix)
+        # Pixel counts: pixels valid in both images of each pair, and pixels
+        # of each image that another image also covers. From the boxes when
+        # every box is all valid; else from products of the 0/1 validity rows
+        # (sums of ones: exact integers).
+        ia, ib = np.triu_indices(k, 1)
+        ial, ibl = ia.tolist(), ib.tolist()
+        if Q is None:
+            gp = []
+            for a, b in zip(ial, ibl):
+                pb = _intersect(boxes[a][1], boxes[b][1])
+                gp.append(0 if pb is None else int(np.prod([hi - lo for lo, hi in pb])))
+            gp = np.array(gp, dtype=np.int64)
+            if all(full):
+                image_npix[labels] += npx
+            else:
+                cover = np.zeros(eshape, dtype=np.int32)
+                for sub in subs:
+                    cover[sub] += 1
+                for i, l in enumerate(labels):
+                    image_npix[l] += np.count_nonzero(cover[subs[i]] > 1)
         else:
-            bshape = ok.shape
-            rowlen = int(np.prod(bshape[1:]))
-            mshape = tuple(2 * d + 1 for d in self.deg)
-            # flat indices, among the moments r <= 2D, of the data terms p <= D
-            dcols = np.ravel_multi_index(
-                tuple(np.array(list(np.ndindex(*[d + 1 for d in self.deg]))).T), mshape)
-            for start in range(0, len(pairs), PAIR_BATCH):
-                chunk = pairs[start:start + PAIR_BATCH]
-                nc = len(chunk)
-                # rows (first numpy axis) of the block that this chunk touches
-                r0 = min(p.box[0][0] for p in chunk) - origin[0]
-                r1 = max(p.box[0][1] for p in chunk) - origin[0]
-                wb = np.zeros((2, nc, r1 - r0) + bshape[1:])
-                chis = []
-                for i, p in enumerate(chunk):
-                    sub = (slice(None), i) + _slices(p.box, (origin[0] + r0,) + origin[1:])
-                    chis.append(_weights(p.img_l, p.img_m, wb[sub]))
-                # one product for the weights and the weighted differences of
-                # every pair of the chunk: the monomials are read once
-                mom = wb.reshape(2 * nc, -1) @ phi[:, r0 * rowlen:r1 * rowlen].T
-                dshape = tuple(d + 1 for d in self.deg)
-                for i, p in enumerate(chunk):
-                    res.add_pair(p.key, mom[i].reshape(mshape),
-                                 mom[nc + i][dcols].reshape(dshape), chis[i], p.npix)
-        return res
+            G = np.dot(Q, Q.T)
+            gp = np.rint(G[ia, ib]).astype(np.int64)
+            multi = (Q.sum(axis=0) > 1).astype(float)
+            image_npix[labels] += np.rint(np.dot(Q, multi)).astype(np.int64)
+        sel = gp > 0
+        if not sel.any():
+            return _BlockSums([], empty.S, empty.T, empty.chi, empty.npix,
+                              image_npix, nonfinite, bad_coords)
+        ial = [a for a, s_ in zip(ial, sel) if s_]
+        ibl = [b for b, s_ in zip(ibl, sel) if s_]
+        npix = gp[sel]
+        keys = [(labels[a], labels[b]) for a, b in zip(ial, ibl)]
+        P = len(keys)
+        S = np.zeros((P, nS))
+        T = np.zeros((P, nT))
+        chi = np.zeros(P)
+
+        # Groups of at most PAIR_BATCH pairs, over chunks of rows of the
+        # box holding at most about STACK_ELEMS values per stack: a handful
+        # of large operations per chunk (they release the GIL), and the
+        # moments as matrix products over the chunk.
+        if self.frame.separable:
+            # whole rows of the box for as many pairs as fit: few chunks
+            # (the monomials cost nothing to slice)
+            group = max(1, min(PAIR_BATCH, STACK_ELEMS // npx))
+        else:
+            # all pairs at once over fewer rows: the chunk's monomials are
+            # computed once for all pairs
+            group = PAIR_BATCH
+        for g0 in range(0, P, group):
+            g1 = min(P, g0 + group)
+            c = g1 - g0
+            # runs of pairs sharing their first image: one operation each
+            runs = []
+            j = g0
+            while j < g1:
+                a = ial[j]
+                e = j + 1
+                while e < g1 and ial[e] == a:
+                    e += 1
+                bs = ibl[j:e]
+                bsel = slice(bs[0], bs[-1] + 1) if bs[-1] - bs[0] == e - j - 1 else bs
+                runs.append((a, bsel, j - g0, e - g0))
+                j = e
+            rows = max(1, STACK_ELEMS // (c * rowlen))
+            for r0 in range(0, eshape[0], rows):
+                r1 = min(eshape[0], r0 + rows)
+                p0, p1 = r0 * rowlen, r1 * rowlen
+                m = p1 - p0
+                X = np.empty((2, c, m))
+                W, WD = X[0], X[1]
+                DF = np.empty((c, m))
+                for a, bsel, j0, j1 in runs:
+                    np.add(V[a, p0:p1], V[bsel, p0:p1], out=W[j0:j1])
+                    np.subtract(D[a, p0:p1], D[bsel, p0:p1], out=DF[j0:j1])
+                np.reciprocal(W, out=W)
+                np.multiply(W, DF, out=WD)
+                # one BLAS dot per pair (np.dot releases the GIL, matmul does
+                # not); its rounding of sum(w d**2) also agrees with that of
+                # the products below, so that chi - T**2 / S cancels well
+                for i in range(c):
+                    chi[g0 + i] += np.dot(WD[i], DF[i])
+                if self.frame.separable:
+                    sub = (slice(origin[0] + r0, origin[0] + r1),) + _slices(ebox)[1:]
+                    mom = _contract_separable(X.reshape((2 * c, r1 - r0) + eshape[1:]),
+                                              self.axis_powers, sub)
+                    S[g0:g1] += mom[:c].reshape(c, nS)
+                    T[g0:g1] += mom[c:][(slice(None),) + self.dsl].reshape(c, nT)
+                else:
+                    phi, phid = self._world_monomials(
+                        [a[p0:p1] for a in u], None if ok is None else ok[p0:p1])
+                    S[g0:g1] += np.dot(W, phi.T)
+                    T[g0:g1] += np.dot(WD, phid.T)
+        return _BlockSums(keys, S, T, chi, npix, image_npix, nonfinite, bad_coords)
 
 
 def _n_threads():
@@ -363,27 +586,30 @@ def accumulate(prob, frame, threads=None):
     acc = _Accumulator(prob, frame, bboxes)
 
     nmom = int(np.prod([2 * d + 1 for d in prob.degree]))
+    ndat = int(np.prod([d + 1 for d in prob.degree]))
+    # a block holds data, variance and validity (float64) of each image
     max_pix = min(BLOCK_PIXELS, max(4096, BLOCK_BYTES // (24 * n)))
     if not frame.separable:
-        # world frames also hold the block's monomials (nmom per pixel), the
-        # stacked pair weights (2 * PAIR_BATCH) and image2world's temporaries
-        max_pix = min(max_pix, max(1024, (1 << 21) // (nmom + 2 * PAIR_BATCH + 16)))
+        # world frames also hold the block's monomials (nmom + ndat per
+        # pixel) and image2world's temporaries
+        max_pix = min(max_pix, max(1024, WORLD_BYTES // (8 * (nmom + ndat + 16))))
     bshape = block_shape(prob.shape, max_pix)
-    starts = [range(0, n_ax, b) for n_ax, b in zip(prob.shape, bshape)]
-    blocks = [tuple(slice(s, min(s + b, n_ax)) for s, b, n_ax in zip(st, bshape, prob.shape))
-              for st in itertools.product(*starts)]
+    per_axis = [axis_cuts(n_ax, b, [e for box in bboxes if box is not None for e in box[k]])
+                for k, (n_ax, b) in enumerate(zip(prob.shape, bshape))]
+    blocks = [tuple(slice(a, b) for a, b in pcs) for pcs in itertools.product(*per_axis)]
 
-    total = PairMoments(n, image_npix=np.zeros(n, dtype=np.int64),
-                        nonfinite=np.zeros(n, dtype=np.int64))
+    acc_sums = _Sums(n, int(np.prod(acc.mshape)), int(np.prod(acc.dshape)))
     nthreads = threads if threads is not None else _n_threads()
     # The products here are small: a multi-threaded BLAS only adds overhead
     # (and contention with our own threads, which keep the cores busy).
+    # Block results are added in block order whatever the threads: the sums
+    # do not depend on the number of threads.
     with threadpool_limits(limits=1, user_api="blas"):
         if nthreads > 1 and len(blocks) > 1:
             with ThreadPoolExecutor(max_workers=nthreads) as pool:
                 for part in pool.map(acc.block, blocks):
-                    total.add(part)
+                    acc_sums.add(part)
         else:
             for b in blocks:
-                total.add(acc.block(b))
-    return total
+                acc_sums.add(acc.block(b))
+    return acc_sums.moments(acc.mshape, acc.dshape)
