@@ -81,7 +81,7 @@ def _valid_bbox(mask, shape, origin):
         return None
     if mask is None:
         return tuple((o, o + n) for o, n in zip(origin, shape))
-    nz = mask != 0
+    nz = mask if mask.dtype == bool else mask != 0
     box = []
     for k in range(nz.ndim):
         others = tuple(i for i in range(nz.ndim) if i != k)
@@ -581,8 +581,21 @@ def accumulate(prob, frame, threads=None):
     PairMoments
     """
     n = len(prob.images)
-    bboxes = [_valid_bbox(m, im.shape, o)
-              for m, im, o in zip(prob.masks, prob.images, prob.origins)]
+    nthreads = threads if threads is not None else _n_threads()
+    pool = ThreadPoolExecutor(max_workers=nthreads) if nthreads > 1 else None
+    try:
+        return _accumulate(prob, frame, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _accumulate(prob, frame, pool):
+    n = len(prob.images)
+    # the masks' boxes are whole-mask reductions: in the pool too
+    mapper = map if pool is None else pool.map
+    bboxes = list(mapper(_valid_bbox, prob.masks, [im.shape for im in prob.images],
+                         prob.origins))
     acc = _Accumulator(prob, frame, bboxes)
 
     nmom = int(np.prod([2 * d + 1 for d in prob.degree]))
@@ -599,16 +612,14 @@ def accumulate(prob, frame, threads=None):
     blocks = [tuple(slice(a, b) for a, b in pcs) for pcs in itertools.product(*per_axis)]
 
     acc_sums = _Sums(n, int(np.prod(acc.mshape)), int(np.prod(acc.dshape)))
-    nthreads = threads if threads is not None else _n_threads()
     # The products here are small: a multi-threaded BLAS only adds overhead
     # (and contention with our own threads, which keep the cores busy).
     # Block results are added in block order whatever the threads: the sums
     # do not depend on the number of threads.
     with threadpool_limits(limits=1, user_api="blas"):
-        if nthreads > 1 and len(blocks) > 1:
-            with ThreadPoolExecutor(max_workers=nthreads) as pool:
-                for part in pool.map(acc.block, blocks):
-                    acc_sums.add(part)
+        if pool is not None and len(blocks) > 1:
+            for part in pool.map(acc.block, blocks):
+                acc_sums.add(part)
         else:
             for b in blocks:
                 acc_sums.add(acc.block(b))
