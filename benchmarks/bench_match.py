@@ -70,13 +70,15 @@ def _status(key):
     return 0
 
 
-def worker(impl, degree, nimages, size, use_world, seed, repeat):
+def worker(impl, degree, nimages, size, use_world, seed, repeat, threads=None):
     import gc
 
     images, masks, sigmas = make_inputs(nimages, size, seed)
     kwargs = {}
     if use_world:
         kwargs = dict(image2world=world)
+    if threads:  # match_lsq takes the engine's thread count from the environment
+        os.environ["JWST_WIIMATCH_THREADS"] = str(threads)
     if impl == "ours":
         from jwst_wiimatch.match import match_lsq
     else:
@@ -96,11 +98,12 @@ def worker(impl, degree, nimages, size, use_world, seed, repeat):
                           inputs_mb=inputs_bytes / 2**20, coef=coef.tolist())))
 
 
-def run(impl, degree, nimages=10, size=2048, use_world=False, seed=0, repeat=None):
+def run(impl, degree, nimages=10, size=2048, use_world=False, seed=0, repeat=None,
+        threads=0):
     if repeat is None:
         repeat = 5 if impl == "ours" else 1
     cmd = [sys.executable, HERE, "--worker", impl, str(degree), str(nimages), str(size),
-           str(int(use_world)), str(seed), str(repeat)]
+           str(int(use_world)), str(seed), str(repeat), str(threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     res = json.loads(out.strip().splitlines()[-1])
     res["coef"] = np.array(res["coef"])
@@ -114,11 +117,12 @@ def rel_diff(c1, c2):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="ours only, no reference runs")
-    p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        impl, deg, n, size, w, seed, repeat = args.worker
-        worker(impl, int(deg), int(n), int(size), bool(int(w)), int(seed), int(repeat))
+        impl, deg, n, size, w, seed, repeat, threads = args.worker
+        worker(impl, int(deg), int(n), int(size), bool(int(w)), int(seed), int(repeat),
+               int(threads))
         return
 
     import jwst_wiimatch
@@ -142,13 +146,18 @@ def main():
     print("(MB: peak resident memory above the inputs, "
           f"inputs {ours['inputs_mb']:.0f} MB)")
 
-    print("\nworld coordinates (image2world given) vs image coordinates, ours, N=10, 2048^2")
+    print("\nthreads and coordinates, ours, N=10, 2048^2 (best of 5 each; ratios from this run)")
     for deg in (1, 2):
-        img = run("ours", deg)
-        wld = run("ours", deg, use_world=True)
-        print(f"degree {deg}: image {img['time']:.3f} s, world {wld['time']:.3f} s, "
-              f"ratio {wld['time'] / img['time']:.2f}, world extra memory "
-              f"{wld['extra_mb']:.1f} MB")
+        t = {}
+        for use_world in (False, True):
+            for th in (1, 2):
+                t[use_world, th] = run("ours", deg, use_world=use_world, threads=th)["time"]
+        print(f"degree {deg}: image {t[False, 1]:.3f} s (1 thread) {t[False, 2]:.3f} s "
+              f"(2 threads), world {t[True, 1]:.3f} s / {t[True, 2]:.3f} s")
+        print(f"degree {deg}: thread speed-up (threads=1 / threads=2): image "
+              f"{t[False, 1] / t[False, 2]:.2f}x, world {t[True, 1] / t[True, 2]:.2f}x; "
+              f"world/image time ratio: {t[True, 1] / t[False, 1]:.2f} (1 thread), "
+              f"{t[True, 2] / t[False, 2]:.2f} (2 threads)")
 
     print("\nscaling with N (ours, degree 1, 2048^2)")
     for n in (10, 20, 40):
