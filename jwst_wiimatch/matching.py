@@ -341,7 +341,7 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
         return match_backgrounds(
             images, masks=None, sigmas=sigmas, degree=degree, center=(0.0,) * ndim,
             image2world=image2world, center_cs="world", solver=solver, threads=threads,
-            origins=origins, grid_shape=grid_shape)
+            origins=origins, grid_shape=grid_shape, client=client)
 
     outcomes, groups = _solve(reduced, engine, lambda c: c)
     return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=frame, binning=b,
@@ -513,7 +513,7 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
     def engine(images, sigmas, origins):
         return match_backgrounds(images, masks=None, sigmas=sigmas, degree=degree,
                                  center=center, solver=solver, threads=threads,
-                                 origins=origins, grid_shape=grid_shape)
+                                 origins=origins, grid_shape=grid_shape, client=client)
 
     def to_frame(coef):  # grid-cell units -> degrees of the tangent plane
         return coef_from_scaled(coef[None, :], degree, (0.0, 0.0), (step, step))[0]

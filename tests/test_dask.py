@@ -66,3 +66,28 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path):
     asn = h.write_asn(models, str(tmp_path))
     with pytest.raises(ValueError, match="cannot connect to the dask scheduler"):
         WiiMatchStep.call(asn, scheduler="tcp://127.0.0.1:1")
+
+
+@pytest.mark.parametrize("world", [False, True])
+def test_engine_pair_sums_on_cluster_equal_local(cluster, world):
+    """The engine's blocks as dask tasks: same sums, added in the same order."""
+    from jwst_wiimatch.core import match_backgrounds
+
+    rng = np.random.default_rng(4)
+    shape = (300, 420)
+    ims, masks = [], []
+    for k in range(4):
+        m = np.zeros(shape, bool)
+        m[30 * k:30 * k + 200, 50 * k:50 * k + 250] = True
+        ims.append(rng.normal(k, 1.0, shape).astype(np.float32))
+        masks.append(m)
+
+    def image2world(x, y):
+        return 10 + 1e-3 * x + 1e-8 * x * y, -3 + 1e-3 * y
+
+    kw = dict(degree=2, image2world=image2world if world else None)
+    local = match_backgrounds(ims, masks, **kw)
+    with distributed.Client(cluster.scheduler_address) as client:
+        remote = match_backgrounds(ims, masks, client=client, **kw)
+    np.testing.assert_allclose(remote.coef, local.coef, rtol=1e-10, atol=1e-13)
+    np.testing.assert_array_equal(remote.pair_npix, local.pair_npix)

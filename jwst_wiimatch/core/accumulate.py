@@ -565,7 +565,7 @@ def _n_threads():
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def accumulate(prob, frame, threads=None):
+def accumulate(prob, frame, threads=None, client=None):
     """Sum the pair moments of a validated problem over the whole grid.
 
     Parameters
@@ -575,22 +575,49 @@ def accumulate(prob, frame, threads=None):
     threads : int, None
         Worker threads (blocks are independent); default: the number of CPUs
         (at most 4), or the ``JWST_WIIMATCH_THREADS`` environment variable.
+    client : dask.distributed.Client, None
+        Compute the blocks as tasks on this cluster (any object with dask's
+        ``scatter``, ``map`` and ``gather`` will do): the problem is sent to
+        the workers once, each task sums a run of consecutive blocks, and the
+        block sums are added here in block order, so the result is the same
+        as the local one.
 
     Returns
     -------
     PairMoments
     """
-    n = len(prob.images)
     nthreads = threads if threads is not None else _n_threads()
     pool = ThreadPoolExecutor(max_workers=nthreads) if nthreads > 1 else None
     try:
-        return _accumulate(prob, frame, pool)
+        return _accumulate(prob, frame, pool, client)
     finally:
         if pool is not None:
             pool.shutdown()
 
 
-def _accumulate(prob, frame, pool):
+#: Tasks per dask worker thread when blocks run on a cluster.
+TASKS_PER_WORKER = 4
+
+
+def _blocks_on_worker(acc, blocks):
+    """The sums of ``blocks`` (in order), computed on a dask worker."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        return [acc.block(b) for b in blocks]
+
+
+def _on_cluster(client, acc, blocks):
+    """Block sums computed as dask tasks, returned in block order."""
+    nthreads = sum(client.nthreads().values()) or 1
+    ntasks = max(1, min(len(blocks), TASKS_PER_WORKER * nthreads))
+    edges = np.linspace(0, len(blocks), ntasks + 1).round().astype(int)
+    runs = [blocks[a:b] for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    shared = client.scatter(acc, broadcast=True, hash=False)
+    futures = client.map(_blocks_on_worker, [shared] * len(runs), runs, pure=False)
+    for parts in client.gather(futures):
+        yield from parts
+
+
+def _accumulate(prob, frame, pool, client=None):
     n = len(prob.images)
     # the masks' boxes are whole-mask reductions: in the pool too
     mapper = map if pool is None else pool.map
@@ -616,6 +643,10 @@ def _accumulate(prob, frame, pool):
     # (and contention with our own threads, which keep the cores busy).
     # Block results are added in block order whatever the threads: the sums
     # do not depend on the number of threads.
+    if client is not None:
+        for part in _on_cluster(client, acc, blocks):
+            acc_sums.add(part)
+        return acc_sums.moments(acc.mshape, acc.dshape)
     with threadpool_limits(limits=1, user_api="blas"):
         if pool is not None and len(blocks) > 1:
             for part in pool.map(acc.block, blocks):

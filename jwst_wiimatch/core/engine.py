@@ -104,7 +104,8 @@ def _residuals(mom, coef_u, degree):
 
 
 def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
-                  center_cs="image", threads=None, origins=None, grid_shape=None):
+                  center_cs="image", threads=None, origins=None, grid_shape=None,
+                  client=None):
     """Check the inputs and accumulate the pair moments.
 
     Returns
@@ -119,7 +120,7 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
     frame = make_frame(prob.shape, center, image2world, center_cs)
     log.debug("accumulating %d images of shape %s, degree %s",
               len(prob.images), prob.shape, prob.degree)
-    mom = accumulate(prob, frame, threads=threads)
+    mom = accumulate(prob, frame, threads=threads, client=client)
     bad = np.flatnonzero(mom.nonfinite)
     if bad.size:
         counts = ", ".join(f"images[{l}]: {mom.nonfinite[l]}" for l in bad)
@@ -135,7 +136,7 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
 
 def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
                       image2world=None, center_cs="image", solver="RLU", threads=None,
-                      origins=None, grid_shape=None):
+                      origins=None, grid_shape=None, client=None):
     """Match the backgrounds of images on one grid; full result with diagnostics.
 
     Takes the arguments of :func:`jwst_wiimatch.match.match_lsq` (without
@@ -161,6 +162,10 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         Shape of the grid (numpy order) for cutout input; default: the
         smallest grid that holds every cutout. The default ``center`` is the
         middle of this grid.
+    client : dask.distributed.Client, None
+        Accumulate the pair sums as tasks on this dask cluster (the images,
+        and ``image2world``, are sent to its workers); the result equals the
+        local one.
 
     Examples
     --------
@@ -184,7 +189,7 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
     prob, frame, mom = build_moments(images, masks, sigmas, degree, center=center,
                                      image2world=image2world, center_cs=center_cs,
                                      threads=threads, origins=origins,
-                                     grid_shape=grid_shape)
+                                     grid_shape=grid_shape, client=client)
     n = len(prob.images)
     a_u, b_u = assemble(n, prob.degree, mom.S, mom.T)
     tol = pinv_tol(prob.images[0].dtype) if method == "PINV" else None
