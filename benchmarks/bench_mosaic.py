@@ -57,7 +57,7 @@ HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
 import mosaic_data as md  # noqa: E402
 
-CANDIDATES = ("skymatch", "io_floor", "wiimatch_sky", "resample_single",
+CANDIDATES = ("skymatch", "io_floor", "wiimatch_sky", "wiimatch_sky_dask", "resample_single",
               "wiimatch_singles", "wiimatch_singles_ondisk", "io_floor_singles")
 DEFAULT = ("skymatch", "io_floor", "wiimatch_sky")
 SINGLES_DIR = "singles"
@@ -109,6 +109,20 @@ def child(name, asn_path, out):
 
         t0 = time.perf_counter()
         WiiMatchSkyStep.call(asn_path, save_results=True, output_dir=out, **_wii_args())
+    elif name == "wiimatch_sky_dask":
+        # a LocalCluster of 2 single-threaded worker processes (started
+        # before the clock): the per-exposure work and the pair sums run as
+        # dask tasks
+        from dask.distributed import LocalCluster
+
+        from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                          dashboard_address=None) as cluster:
+            t0 = time.perf_counter()
+            WiiMatchSkyStep.call(asn_path, save_results=True, output_dir=out,
+                                 scheduler=cluster.scheduler_address, **_wii_args())
+            return time.perf_counter() - t0
     elif name in ("wiimatch_singles", "wiimatch_singles_ondisk"):
         from jwst_wiimatch.step import WiiMatchStep
 
@@ -392,6 +406,7 @@ def main(argv=None):
             if len(found) < nexp:
                 print(f"  note: background found for {len(found)} of {nexp} exposures",
                       flush=True)
+            res["coefficients"] = {k: v["coefficients"] for k, v in found.items()}
         res["n_outputs"] = len(glob.glob(os.path.join(out, "*.fits")))
         results[name] = res
         if not args.keep_outputs:
@@ -410,6 +425,14 @@ def main(argv=None):
         print(f"{name:<26}{r['time_s']:>9.1f}{r['process_s']:>11.1f}"
               f"{r['peak_rss_gb']:>13.2f}{fmt(tr, '.2f'):>11}{fmt(mr, '.2f'):>10}"
               f"{fmt(r['bkg_error'], '.2e'):>11}")
+    if "wiimatch_sky" in results and "wiimatch_sky_dask" in results:
+        a = results["wiimatch_sky"].get("coefficients", {})
+        b = results["wiimatch_sky_dask"].get("coefficients", {})
+        diffs = [np.max(np.abs(np.subtract(a[k], b[k])) / np.maximum(np.abs(a[k]), 1e-300))
+                 for k in a if k in b]
+        if diffs and len(diffs) == len(a):
+            print(f"\nwiimatch_sky_dask vs wiimatch_sky: largest relative coefficient "
+                  f"difference {max(diffs):.1e} over {len(diffs)} exposures")
     unmatched = [r.get("bkg_error_unmatched") for r in results.values()
                  if r.get("bkg_error_unmatched") is not None]
     print("\ntime s: the step call in the child; process s: the whole child "

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .core import match_backgrounds
+from .core.accumulate import valid_box
 from .core.binning import bin_image
 from .core.inputs import check_degree
 from .core.poly import coef_from_scaled
@@ -92,8 +93,8 @@ def map_models(library, function, *, modify, threads=None, progress=None, client
     ``client`` and ``modify=False``, models that the library would read from
     files are read and processed by tasks on the cluster instead (the files
     must be visible to its workers). ``read_only=True`` promises that
-    ``function`` changes nothing: models kept in files are then read only
-    where they are touched (memory-mapped FITS).
+    ``function`` changes nothing: models kept in files are then read only as
+    far as they are used (`open_for_reading`).
     """
     n = len(library)
     threads = default_threads() if threads is None else max(1, int(threads))
@@ -127,11 +128,17 @@ def map_models(library, function, *, modify, threads=None, progress=None, client
             if progress and n >= 10 and k % every == 0:
                 log.info("wiimatch: %s %d/%d models", progress, k, n)
 
-    with library:
-        if threads == 1 or n < 2:
-            return [one(k) for k in range(n)]
-        with ThreadPoolExecutor(max_workers=min(threads, n)) as pool:
-            return list(pool.map(one, range(n)))
+    # objects older than this run are left out of the per-model collections
+    # (a full collection of a process that imported jwst takes 0.1 s)
+    gc.freeze()
+    try:
+        with library:
+            if threads == 1 or n < 2:
+                return [one(k) for k in range(n)]
+            with ThreadPoolExecutor(max_workers=min(threads, n)) as pool:
+                return list(pool.map(one, range(n)))
+    finally:
+        gc.unfreeze()
 
 
 @dataclass
@@ -186,18 +193,6 @@ def _model_name(model, index):
     return f"model {index} ({name})" if name else f"model {index}"
 
 
-def _valid_box(mask):
-    rows = np.flatnonzero(mask.any(axis=tuple(range(1, mask.ndim))))
-    if rows.size == 0:
-        return None
-    box = []
-    for k in range(mask.ndim):
-        others = tuple(i for i in range(mask.ndim) if i != k)
-        hit = np.flatnonzero(mask.any(axis=others))
-        box.append((int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
 def _read_pixels(model, dqflags):
     """Data minus pending level, sigma (or None), mask, level."""
     sigma = pixels.model_sigma(model)
@@ -250,7 +245,7 @@ def _reduce_grid_model(model, index, dqflags, binning, checker):
     data, sigma, mask, level = _read_pixels(model, dqflags)
     red = _Reduced(name=name, level=level, has_err=sigma is not None,
                    npix=int(np.count_nonzero(mask)))
-    box = _valid_box(mask)
+    box = valid_box(mask, mask.shape, (0,) * mask.ndim)
     if box is not None:
         _reduce_box(data, sigma, mask, level, box, binning, red)
     return red

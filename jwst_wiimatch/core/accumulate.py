@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-__all__ = ["PairMoments", "accumulate"]
+__all__ = ["PairMoments", "accumulate", "valid_box"]
 
 # Pixels per block: bounds the temporaries (a few float64 arrays per image of
 # a block) while keeping per-block Python overhead negligible.
@@ -71,7 +71,7 @@ class PairMoments:
         self.bad_coords += other.bad_coords
 
 
-def _valid_bbox(mask, shape, origin):
+def valid_box(mask, shape, origin):
     """Grid box (tuple of (start, stop)) of the nonzero pixels of ``mask``, or None.
 
     ``mask`` (or None: all valid) has the image's ``shape``; the image's first
@@ -621,7 +621,7 @@ def _accumulate(prob, frame, pool, client=None):
     n = len(prob.images)
     # the masks' boxes are whole-mask reductions: in the pool too
     mapper = map if pool is None else pool.map
-    bboxes = list(mapper(_valid_bbox, prob.masks, [im.shape for im in prob.images],
+    bboxes = list(mapper(valid_box, prob.masks, [im.shape for im in prob.images],
                          prob.origins))
     acc = _Accumulator(prob, frame, bboxes)
 
