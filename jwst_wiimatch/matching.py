@@ -49,7 +49,7 @@ from .core.inputs import check_degree
 from .core.poly import coef_from_scaled
 from .models import frame as fr
 from .models import pixels, records
-from .models.library import member_file, open_for_reading
+from .models.library import member_file
 
 __all__ = ["Outcome", "MatchSummary", "match_models", "apply_outcomes", "map_models",
            "default_threads", "parse_degree"]
@@ -66,15 +66,8 @@ def default_threads():
     return max(1, min(8, n))
 
 
-def _call_on_file(path, function, index, read_only=True):
-    """``function(model, index)`` on the model read from ``path``.
-
-    ``read_only``: the model is read only where it is touched
-    (`open_for_reading`); else it is opened whole, to be changed.
-    """
-    if read_only:
-        with open_for_reading(path) as model:
-            return function(model, index)
+def _call_on_file(path, function, index):
+    """``function(model, index)`` on the model read from the file ``path``."""
     from stdatamodels.jwst import datamodels
 
     with datamodels.open(path) as model:
@@ -93,21 +86,20 @@ def map_models(library, function, *, modify, threads=None, progress=None, client
     ``client`` and ``modify=False``, models that the library would read from
     files are read and processed by tasks on the cluster instead (the files
     must be visible to its workers). ``read_only=True`` promises that
-    ``function`` changes nothing: models kept in files are then read only as
-    far as they are used (`open_for_reading`).
+    ``function`` changes nothing: models kept in files are then read from
+    them directly, so that an in-memory library does not keep them.
     """
     n = len(library)
     threads = default_threads() if threads is None else max(1, int(threads))
     done = itertools.count(1)
     every = max(1, n // 10)
     # models that the library would read from files, when nothing is kept:
-    # read them where the work is done (only what is touched, for reading)
+    # read them where the work is done
     paths = [member_file(library, k) for k in range(n)] if not modify else [None] * n
     if client is not None:
         if n and all(paths):
             log.info("wiimatch: %d models to %s on the dask cluster", n, progress or "process")
-            futures = client.map(_call_on_file, paths, [function] * n, range(n),
-                                 [read_only] * n, pure=False)
+            futures = client.map(_call_on_file, paths, [function] * n, range(n), pure=False)
             return client.gather(futures)
         log.info("wiimatch: models held in memory are processed here, not on the cluster")
 
@@ -279,7 +271,9 @@ def _first_model(library):
     in-memory library does not start caching models), else borrowed."""
     path = member_file(library, 0)
     if path is not None:
-        with open_for_reading(path) as model:
+        from stdatamodels.jwst import datamodels
+
+        with datamodels.open(path) as model:
             yield model
         return
     with library:

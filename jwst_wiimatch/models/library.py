@@ -7,7 +7,6 @@ only stpipe and stdatamodels installed. When jwst is installed, jwst's own
 ``ModelLibrary`` and ``ModelContainer`` are accepted by the step as well.
 """
 
-import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ from collections.abc import Mapping
 from stpipe.library import AbstractModelLibrary, NoGroupID
 
 __all__ = ["WiiMatchLibrary", "load_association", "SavedOutputs", "outputs_association",
-           "member_file", "open_for_reading"]
+           "member_file"]
 
 
 def load_association(filename):
@@ -182,39 +181,3 @@ def member_file(library, index):
     except (AttributeError, KeyError, TypeError):
         return None
     return path if os.path.isfile(path) else None
-
-
-@contextlib.contextmanager
-def open_for_reading(path):
-    """A model read from ``path`` only as far as it is used (FITS arrays on access).
-
-    For reading only: arrays that are never used (``con``, ``var_*``, ...)
-    are never read, so a model costs little more than the arrays a reader
-    uses. Other formats (ASDF) are opened with
-    ``stdatamodels.jwst.datamodels.open``.
-    """
-    from stdatamodels.jwst import datamodels
-
-    name = os.fspath(path)
-    if not name.lower().endswith((".fits", ".fit")):
-        with datamodels.open(name) as model:
-            yield model
-        return
-    from astropy.io import fits
-
-    # memmap=False: FITS images with BZERO (the uint32 DQ) cannot be mapped;
-    # astropy still reads each extension's data only when it is accessed
-    with fits.open(name, memmap=False, mode="readonly") as hdul:
-        kind = hdul[0].header.get("DATAMODL")
-        cls = getattr(datamodels, str(kind), None) if kind else None
-        if not (isinstance(cls, type) and issubclass(cls, datamodels.JwstDataModel)):
-            cls = None
-        if cls is None:
-            model = datamodels.open(name)
-        else:
-            model = cls(hdul)
-            model.meta.filename = os.path.basename(name)
-        try:
-            yield model
-        finally:
-            model.close()
