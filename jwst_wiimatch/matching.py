@@ -243,6 +243,21 @@ def _reduce_grid_model(model, index, dqflags, binning, checker):
     return red
 
 
+#: Cells along the shorter side of a grid or detector that binning keeps at least.
+MIN_CELLS = 64
+
+
+def _capped_binning(binning, shape, what):
+    """``binning``, reduced (and logged) so that ``shape`` keeps >= MIN_CELLS cells a side."""
+    cap = max(1, min(shape) // MIN_CELLS)
+    if binning > cap:
+        log.info("wiimatch: binning %d reduced to %d: %s is %dx%d pixels and keeps at "
+                 "least %d cells per side", binning, cap, what, shape[-1], shape[-2],
+                 MIN_CELLS)
+        return cap
+    return binning
+
+
 def parse_degree(degree, ndim):
     """Degree per axis (xi, eta[, wavelength]) from an int, a list, or command-line text."""
     value = degree
@@ -304,7 +319,7 @@ def _grid_setup(library, degree, refpoint):
 def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, client):
     checker, degree, ref, func, lattice = _grid_setup(library, degree, refpoint)
     ndim = len(checker.shape)
-    b = binning if ndim == 2 else 1
+    b = _capped_binning(binning, checker.shape, "the common grid") if ndim == 2 else 1
     if binning > 1 and ndim != 2:
         log.info("wiimatch: binning applies to 2-D images; cubes are matched per pixel")
     log.info("wiimatch: reading %d models (%s)", len(library),
@@ -348,8 +363,6 @@ def _pixel_scale_deg(wcs, shape):
     return float(np.sqrt(sep[0] * sep[1]))
 
 
-#: Cells along the shorter side of a detector that the sky grid keeps at least.
-MIN_CELLS = 64
 
 
 def _sky_setup(library, refpoint, binning):
@@ -365,12 +378,7 @@ def _sky_setup(library, refpoint, binning):
             raise ValueError(f"{name}: data is {len(shape)}-D; the skymatch slot takes "
                              "2-D calibrated images")
         wcs = fr._get_wcs(model, name)
-        cap = max(1, min(shape) // MIN_CELLS)
-        if binning > cap:
-            log.info("wiimatch: binning %d reduced to %d: %s is %dx%d pixels and keeps "
-                     "at least %d cells per side", binning, cap, name, shape[1], shape[0],
-                     MIN_CELLS)
-            binning = cap
+        binning = _capped_binning(binning, shape, name)
         ref = fr.check_refpoint(refpoint, 2)
         if ref is None:
             ref = fr.default_refpoint(model)

@@ -70,9 +70,9 @@ class WiiMatchSkyStep(WiiMatchStep):
         "subtract = boolean(default=True)  # subtract each exposure's polynomial from its data "
         "(needed for a matched i2d)",
     ).replace(
-        "binning = integer(min=1, default=1)  # match on averages of binning x binning blocks "
-        "of the grid (1: every pixel); 4 or 8 keep smooth backgrounds at the noise floor "
-        "with 16-64x less memory and work",
+        "binning = integer(min=1, default=4)  # match on averages of binning x binning blocks "
+        "of the grid (1: every pixel; reduced for grids under 64*binning pixels a side): "
+        "smooth backgrounds stay at the noise floor with 16x less memory",
         "binning = integer(min=1, default=4)  # match on averages of binning x binning blocks "
         "of detector pixels, placed on a sky grid of cells binning input pixels wide",
     )

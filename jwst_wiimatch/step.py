@@ -50,7 +50,7 @@ class WiiMatchStep(Step):
     solver = string(default='RLU')  # linear solver: 'RLU' (LU with image 0 fixed, then zero-sum) or 'PINV' (pseudo-inverse, minimum norm)
     dqbits = string(default='~DO_NOT_USE+NON_SCIENCE')  # DQ flags marking bad pixels (JWST bit-flag expression); None or '' ignores DQ
     subtract = boolean(default=False)  # subtract each model's polynomial from its data
-    binning = integer(min=1, default=1)  # match on averages of binning x binning blocks of the grid (1: every pixel); 4 or 8 keep smooth backgrounds at the noise floor with 16-64x less memory and work
+    binning = integer(min=1, default=4)  # match on averages of binning x binning blocks of the grid (1: every pixel; reduced for grids under 64*binning pixels a side): smooth backgrounds stay at the noise floor with 16x less memory
     maximum_cores = string(default='all')  # worker threads for reading, matching and subtracting: 'all', 'half', 'quarter', 'none' (one) or a number
     scheduler = string(default=None)  # address of a dask.distributed scheduler (e.g. tcp://host:8786): models kept in files are read and reduced, and the pair sums accumulated, as tasks on its workers (needs the dask extra)
     in_memory = boolean(default=True)  # False: keep models on disk (temporary files) and never hold all models in memory at once

@@ -157,3 +157,30 @@ def test_bad_binning_and_kind_are_refused(cal_field):
         match_models(WiiMatchLibrary(asn), kind="sky", binning=0)
     with pytest.raises(ValueError, match="kind='cube'"):
         match_models(WiiMatchLibrary(asn), kind="cube")
+
+
+def test_standalone_default_binning_keeps_the_noise_floor(caplog):
+    """On a 320 x 300 grid the default binning (4) recovers the injected
+    backgrounds as well as matching every pixel; small grids keep 64 cells."""
+    import oracle as O
+    from jwst_wiimatch.models import evaluate_background
+
+    models, truths, ref = h.make_models(n=4, shape=(300, 320), degree=1, noise=0.05)
+    coords = h.frame_of_grid(models[0], ref)
+    masks = [np.isfinite(m.data) for m in models]
+    true_bkg = [O.polyval_nd(t, coords) for t in truths]
+    errs = {}
+    for binning in (1, 4):
+        with caplog.at_level("INFO", logger="jwst_wiimatch"):
+            out = WiiMatchStep.call(models, degree=1, binning=binning)
+        rec = [evaluate_background(m) for m in out]
+        errs[binning] = h.relative_error(rec, true_bkg, masks)
+    spread = h.relative_error([np.zeros_like(t) for t in true_bkg], true_bkg, masks)
+    assert spread > 100 * errs[1]
+    assert errs[4] < 1.5 * errs[1] + 1e-4, errs
+    assert "reading 4 models (4x4 blocks)" in caplog.text
+    caplog.clear()
+    small, _, _ = h.make_models(n=3, shape=(48, 56), degree=1)
+    with caplog.at_level("INFO", logger="jwst_wiimatch"):
+        WiiMatchStep.call(small, degree=1)
+    assert "binning 4 reduced to 1" in caplog.text
