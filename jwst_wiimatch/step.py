@@ -231,13 +231,7 @@ def _is_model_container(obj):
 
 def library_copies(lib):
     """Copies of the models of a model library, in order (the library is unchanged)."""
-    models = []
-    with lib:
-        for k in range(len(lib)):
-            m = lib.borrow(k)
-            models.append(m.copy())
-            lib.shelve(m, k, modify=False)
-    return models
+    return list(lib.map_function(lambda model, index: model.copy(), modify=False))
 
 
 def _copy_library(lib):
