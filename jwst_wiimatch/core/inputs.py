@@ -114,6 +114,16 @@ def check_center(center, ndim):
     return vals
 
 
+def _check_per_image(value, name, n, kind, fix):
+    """Raise unless ``value`` is a sequence of ``n`` entries (one per image)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise TypeError(f"'{name}' must be None or {kind}.")
+    if len(value) != n:
+        raise ValueError(
+            f"'{name}' has {len(value)} entries but there are {n} images: {fix}."
+        )
+
+
 def check_origins(origins, grid_shape, shapes):
     """Validate cutout origins (and the grid shape) for images of ``shapes``.
 
@@ -124,16 +134,11 @@ def check_origins(origins, grid_shape, shapes):
     grid_shape : tuple of int
     """
     n, ndim = len(shapes), len(shapes[0])
-    if isinstance(origins, (str, bytes)) or not hasattr(origins, "__len__"):
-        raise TypeError(
-            f"'origins' must be None or a list of {n} index tuples (numpy order), the "
-            "grid position of each image's first pixel."
-        )
-    if len(origins) != n:
-        raise ValueError(
-            f"'origins' has {len(origins)} entries but there are {n} images: give one "
-            "origin (grid index of the cutout's first pixel, numpy order) per image."
-        )
+    _check_per_image(origins, "origins", n,
+                     f"a list of {n} index tuples (numpy order), the grid position of "
+                     "each image's first pixel",
+                     "give one origin (grid index of the cutout's first pixel, numpy "
+                     "order) per image")
     out = []
     for k, o in enumerate(origins):
         try:
@@ -223,13 +228,9 @@ def check_inputs(images, masks, sigmas, degree, origins=None, grid_shape=None):
     if masks is None:
         msk = [None] * n
     else:
-        if isinstance(masks, (str, bytes)) or not hasattr(masks, "__len__"):
-            raise TypeError(f"'masks' must be None or a list of {n} arrays.")
-        if len(masks) != n:
-            raise ValueError(
-                f"'masks' has {len(masks)} entries but there are {n} images: give one "
-                "mask per image (None for an image whose pixels are all valid)."
-            )
+        _check_per_image(masks, "masks", n, f"a list of {n} arrays",
+                         "give one mask per image (None for an image whose pixels are "
+                         "all valid)")
         msk = []
         for k, m in enumerate(masks):
             if m is None:
