@@ -196,3 +196,28 @@ def test_degenerate_axis_reports_the_term_for_every_image():
     for k in range(1, 3):
         np.testing.assert_allclose(
             fit[k] - fit[0], np.polyval(np.polyfit(x, ims[k][0] - ims[0][0], 1), x), atol=1e-10)
+
+
+def test_terms_without_support_do_not_explode():
+    """Two images share one pixel whose y coordinate is 0 up to rounding in the
+    scaled basis: only the constant is determined, the y terms have a diagonal
+    of 1e-32. They must not be scaled up into 1e16 coefficients (found by
+    Hypothesis); the fit must still be the least-squares optimum."""
+    import warnings
+
+    import oracle as O
+
+    a = np.zeros((5, 2))
+    b = np.zeros((5, 2))
+    a[2, 1], b[2, 1] = -16.796875, 0.9375
+    m = np.zeros((5, 2), dtype=bool)
+    m[2, 1] = True
+    kw = dict(degree=1, center=(3.308516179044907, -0.692481791239191))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = match_backgrounds([a, b], [m, m], **kw)
+    assert np.all(np.abs(res.coef) < 1e3), res.coef
+    # the one pixel's difference is matched exactly
+    x, y = 1.0 - kw["center"][0], 2.0 - kw["center"][1]
+    p = [O.polyval_nd(c.reshape(2, 2), [np.array(x), np.array(y)]) for c in res.coef]
+    assert float(p[0] - p[1]) == pytest.approx(a[2, 1] - b[2, 1], rel=1e-9)

@@ -29,6 +29,9 @@ __all__ = ["MatchWarning", "SolveInfo", "assemble", "solve_system"]
 # Reciprocal condition number (1-norm, equilibrated reduced system) below
 # which RLU hands over to the rank-revealing path.
 RLU_RCOND_MIN = 1e-12
+# Terms whose sqrt(diagonal) is below this fraction of the largest are not
+# equilibrated (their diagonal is rounding noise, 1e-16 of the largest).
+EQUILIBRATE_MIN = 1e-8
 # Squared weight of a coefficient in the null space above which it is
 # reported as undetermined.
 NULL_WEIGHT_MIN = 1e-6
@@ -104,7 +107,11 @@ def _components(a, nimages, nterms):
 def _solve_reduced(mat, rhs, method, tol):
     """Solve a symmetric positive (semi-)definite system; return (x, null-space weights)."""
     d = np.sqrt(np.abs(np.diag(mat)))
-    d[~(d > 0) | ~np.isfinite(d)] = 1.0
+    top = np.max(d[np.isfinite(d)], initial=0.0)
+    # a term whose diagonal is at the rounding level of the largest has no
+    # support (e.g. a coordinate that is 0 up to rounding at every overlapping
+    # pixel): scaling it up would turn rounding noise into huge coefficients
+    d[~(d > EQUILIBRATE_MIN * top) | ~np.isfinite(d)] = top if top > 0 else 1.0
     ms = mat / np.outer(d, d)
     bs = rhs / d
     if method == "RLU":
