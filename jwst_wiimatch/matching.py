@@ -44,7 +44,7 @@ import numpy as np
 
 from .core import match_backgrounds
 from .core.accumulate import valid_box
-from .core.binning import bin_image
+from .core.binning import bin_image, weighted_mean
 from .core.inputs import check_degree
 from .core.poly import coef_from_scaled
 from .models import frame as fr
@@ -170,7 +170,6 @@ class _Reduced:
 
     name: str
     npix: int = 0
-    level: float = 0.0
     has_err: bool = True
     origin: tuple = None
     data: np.ndarray = None  # weighted by ERR
@@ -209,13 +208,12 @@ def _reduce_box(data, sigma, mask, level, box, binning, red):
             red.data, red.sigma, _, _ = bin_image(d, s, m, binning, start)
     else:
         red.origin = tuple(a for a, _ in box)
-        valid = m.copy()
-        red.data_eq = np.where(valid, d, 0.0) if not valid.all() else np.asarray(d)
-        red.sigma_eq = np.where(valid, 1.0, 0.0)  # sigma 0: not used
+        red.data_eq = np.where(m, d, 0.0) if not m.all() else np.asarray(d)
+        red.sigma_eq = np.where(m, 1.0, 0.0)  # sigma 0: not used
         if s is not None:
             red.data = red.data_eq
             with np.errstate(invalid="ignore"):
-                red.sigma = np.where(valid, s, 0.0)
+                red.sigma = np.where(m, s, 0.0)
 
 
 def _select_weights(reduced, usable, names):
@@ -235,7 +233,7 @@ def _reduce_grid_model(model, index, dqflags, binning, checker):
     name = _model_name(model, index)
     checker.check(model, name)
     data, sigma, mask, level = _read_pixels(model, dqflags)
-    red = _Reduced(name=name, level=level, has_err=sigma is not None,
+    red = _Reduced(name=name, has_err=sigma is not None,
                    npix=int(np.count_nonzero(mask)))
     box = valid_box(mask, mask.shape, (0,) * mask.ndim)
     if box is not None:
@@ -357,12 +355,8 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
 # ---------------------------------------------------------------------------
 def _pixel_scale_deg(wcs, shape):
     """Angular size (degrees) of a pixel at the middle of a detector grid."""
-    cy, cx = ((n - 1) / 2.0 for n in shape)
-    ra, dec = fr._pixel_world(wcs, np.array([cx, cx + 1.0, cx]), np.array([cy, cy, cy + 1.0]))[:2]
-    sep = fr._angsep(ra[0], dec[0], ra[1:], dec[1:])
-    return float(np.sqrt(sep[0] * sep[1]))
-
-
+    sky, _ = fr.pixel_steps(wcs, shape)
+    return float(np.sqrt(sky[0] * sky[1]))
 
 
 def _sky_setup(library, refpoint, binning):
@@ -416,7 +410,7 @@ def _reduce_sky_model(model, index, dqflags, ref, step):
     if data.ndim != 2:
         raise ValueError(f"{name}: data is {data.ndim}-D; the skymatch slot takes 2-D "
                          "calibrated images")
-    red = _Reduced(name=name, level=level, has_err=sigma is not None,
+    red = _Reduced(name=name, has_err=sigma is not None,
                    npix=int(np.count_nonzero(mask)))
     if red.npix == 0:
         return red
@@ -458,13 +452,6 @@ def _combine_cells(cells_list, keys):
     return (y0, x0), out
 
 
-def _mean_sigma(sw, swd):
-    """Weighted means and their sigma (0: no data, the engine's 'not used')."""
-    good = sw > 0
-    safe = np.where(good, sw, 1.0)
-    return np.where(good, swd / safe, 0.0), np.where(good, 1.0 / np.sqrt(safe), 0.0)
-
-
 def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, threads, client):
     degree = parse_degree(degree, 2)
     ref, step, binning = _sky_setup(library, refpoint, binning)
@@ -491,7 +478,7 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
                      npix=sum(reduced[k].npix for k in members))
         if cells:
             g.origin, (sw, swd) = _combine_cells(cells, keys)
-            g.data, sigma = _mean_sigma(sw, swd)
+            g.data, sigma = weighted_mean(sw, swd)
             g.sigma = sigma.astype(np.float32)
         for k in members:
             reduced[k].cells = None

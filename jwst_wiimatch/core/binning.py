@@ -9,7 +9,7 @@ polynomial within a block.
 """
 import numpy as np
 
-__all__ = ["bin_image"]
+__all__ = ["bin_image", "weighted_mean"]
 
 
 def bin_image(data, sigma, valid, factor, start=(0, 0)):
@@ -82,7 +82,21 @@ def bin_image(data, sigma, valid, factor, start=(0, 0)):
     cnt = np.zeros((by * f, bx * f), dtype=np.int64)
     cnt[inner] = ok
     count = cnt.reshape(by, f, bx, f).sum(axis=(1, 3))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.where(sw > 0, swd / np.where(sw > 0, sw, 1.0), 0.0)
-        sig = np.where(sw > 0, 1.0 / np.sqrt(np.where(sw > 0, sw, 1.0)), 0.0)
+    mean, sig = weighted_mean(sw, swd)
     return mean, sig, count, (y0 // f, x0 // f)
+
+
+def weighted_mean(sw, swd):
+    """Means ``swd / sw`` of weighted sums and their sigma ``1 / sqrt(sw)``.
+
+    Where ``sw`` is 0 (no data) the mean is 0 and the sigma is 0, the
+    engine's mark of a pixel not to use.
+
+    Examples
+    --------
+    >>> weighted_mean(np.array([4.0, 0.0]), np.array([2.0, 0.0]))
+    (array([0.5, 0. ]), array([0.5, 0. ]))
+    """
+    good = sw > 0
+    safe = np.where(good, sw, 1.0)
+    return np.where(good, swd / safe, 0.0), np.where(good, 1.0 / np.sqrt(safe), 0.0)

@@ -278,13 +278,8 @@ class GridChecker:
         grids = np.meshgrid(*axes, indexing="ij")
         self._pix = [g.ravel() for g in grids]
         self._world = _pixel_world(wcs, *self._pix)
-        # pixel scale: world steps from the grid center to its neighbours
-        # along x, y (and z)
         ndim = len(self.shape)
-        center = np.array([(n - 1) / 2.0 for n in self.shape[::-1]])
-        pts = np.vstack([center, center + np.eye(ndim)])
-        w = _pixel_world(wcs, *pts.T)
-        sky = _angsep(w[0][0], w[1][0], w[0][1:3], w[1][1:3])
+        sky, w = pixel_steps(wcs, self.shape)
         ok = np.all(np.isfinite(sky)) and np.all(sky > 0)
         self._sky_tol = 1e-3 * float(np.min(sky)) if ok else 1e-9
         self._spec_tol = None
@@ -322,6 +317,25 @@ class GridChecker:
                 f"that of {self.name}; wiimatch needs all models resampled onto "
                 "one grid (e.g. resample with single=True)"
             )
+
+
+def pixel_steps(wcs, shape):
+    """Sky steps (degrees) from the centre of a grid to its neighbours along x and y.
+
+    Returns
+    -------
+    sky : numpy.ndarray
+        Angular distances from the central pixel to the next pixel along x
+        and along y.
+    world : tuple of numpy.ndarray
+        World coordinates of the central pixel and of its neighbours along
+        each axis (x, y[, z]), in that order.
+    """
+    ndim = len(shape)
+    center = np.array([(n - 1) / 2.0 for n in shape[::-1]])
+    pts = np.vstack([center, center + np.eye(ndim)])
+    world = _pixel_world(wcs, *pts.T)
+    return _angsep(world[0][0], world[1][0], world[0][1:3], world[1][1:3]), world
 
 
 def _angsep(ra1, dec1, ra2, dec2):
