@@ -33,10 +33,10 @@ from jwst.pipeline import Image3Pipeline
 from stpipe.datamodel import AbstractDataModel
 
 from .core.inputs import check_solver
-from .matching import apply_outcomes, map_models, match_models
+from .matching import map_models
 from .models import records
 from .models.library import SavedOutputs
-from .step import WiiMatchStep, dask_client, library_copies, log_summary, parse_cores
+from .step import WiiMatchStep, library_copies, parse_cores
 
 __all__ = ["WiiMatchSkyStep", "WiiMatchImage3Pipeline"]
 
@@ -122,20 +122,11 @@ class WiiMatchSkyStep(WiiMatchStep):
             log.info("wiimatch: %d exposures in %d exposure groups%s", len(library),
                      len(groups),
                      " (library kept on disk)" if getattr(library, "_on_disk", False) else "")
-            client = stack.enter_context(dask_client(self.scheduler))
-            outcomes, summary = match_models(
-                library, kind="sky", groups=groups, degree=self.degree,
-                refpoint=self.refpoint, solver=solver, dqbits=self.dqbits,
-                binning=self.binning, threads=threads, client=client)
-            paths = apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
-                                   solver=solver, dqbits=self.dqbits, threads=threads,
-                                   extra={"matched_on": MATCHED_ON},
-                                   after=self._saver(library) if stream else None,
-                                   client=client)
-        log_summary(outcomes, summary)
-        if stream:
-            return self._saved_result(paths, _SavedModelLibrary)
-        return library
+            saved = self._match_and_apply(library, stack, stream, solver, threads,
+                                          kind="sky", groups=groups,
+                                          extra={"matched_on": MATCHED_ON},
+                                          library_class=_SavedModelLibrary)
+        return saved if stream else library
 
     def _skip_one(self, model, index, reason, save):
         records.record_skipped(model, reason)

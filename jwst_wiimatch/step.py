@@ -125,21 +125,33 @@ class WiiMatchStep(Step):
                     "input holds no models: give an association with at least two "
                     "members (or a list of two or more models)"
                 )
-            client = stack.enter_context(dask_client(self.scheduler))
-            outcomes, summary = match_models(
-                library, kind="grid", degree=self.degree, refpoint=self.refpoint,
-                solver=solver, dqbits=self.dqbits, binning=self.binning, threads=threads,
-                client=client)
-            paths = apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
-                                   solver=solver, dqbits=self.dqbits, threads=threads,
-                                   after=self._saver(library) if stream else None,
-                                   client=client)
-        log_summary(outcomes, summary)
-        if stream:
-            return self._saved_result(paths)
-        return output
+            saved = self._match_and_apply(library, stack, stream, solver, threads,
+                                          kind="grid")
+        return saved if stream else output
 
     # ------------------------------------------------------------------
+    def _match_and_apply(self, library, stack, stream, solver, threads, *, kind,
+                         groups=None, extra=None, library_class=None):
+        """Match, record (and subtract) with this step's parameters; log the summary.
+
+        With ``stream`` each output is saved as soon as it is done and the
+        library over the saved files is returned (else None). ``stack`` keeps
+        the dask client, if any, open until the caller's block ends.
+        """
+        client = stack.enter_context(dask_client(self.scheduler))
+        outcomes, summary = match_models(
+            library, kind=kind, groups=groups, degree=self.degree, refpoint=self.refpoint,
+            solver=solver, dqbits=self.dqbits, binning=self.binning, threads=threads,
+            client=client)
+        paths = apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
+                               solver=solver, dqbits=self.dqbits, threads=threads,
+                               extra=extra, after=self._saver(library) if stream else None,
+                               client=client)
+        log_summary(outcomes, summary)
+        if not stream:
+            return None
+        return self._saved_result(paths, library_class or SavedLibrary)
+
     def _streams_outputs(self, data):
         """True for a standalone run on an association that saves its results."""
         return (self.parent is None and bool(self.save_results)
