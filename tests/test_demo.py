@@ -4,14 +4,9 @@ import json
 import os
 
 import numpy as np
-import pytest
 
-pytest.importorskip("stpipe")
-pytest.importorskip("stdatamodels")
-pytest.importorskip("gwcs")
-
-from jwst_wiimatch import demo  # noqa: E402
-from jwst_wiimatch.core import polyval_nd  # noqa: E402
+from jwst_wiimatch import demo
+from jwst_wiimatch.core import polyval_nd
 
 
 def test_demo_data_properties(tmp_path):

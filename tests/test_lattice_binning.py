@@ -2,11 +2,9 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("gwcs")
-
-import step_helpers as h  # noqa: E402
-from jwst_wiimatch.core.binning import bin_image  # noqa: E402
-from jwst_wiimatch.models import frame as fr  # noqa: E402
+import step_helpers as h
+from jwst_wiimatch.core.binning import bin_image
+from jwst_wiimatch.models import frame as fr
 
 
 def _distorted_wcs(shape, crval=(53.16, -27.79), pixscale=0.031, k2=2e-5):

@@ -3,14 +3,10 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("stpipe")
-pytest.importorskip("stdatamodels")
-pytest.importorskip("gwcs")
+import oracle as O
+import step_helpers as h
 
-import oracle as O  # noqa: E402
-import step_helpers as h  # noqa: E402
-
-from jwst_wiimatch import models as adapters  # noqa: E402
+from jwst_wiimatch import models as adapters
 
 
 @pytest.mark.parametrize(

@@ -10,14 +10,10 @@ here, so that no installed entry point is needed). Needs no jwst.
 import os
 
 import numpy as np
-import pytest
 
-pytest.importorskip("stpipe")
-pytest.importorskip("stdatamodels")
-
-import oracle as O  # noqa: E402
-import step_helpers as h  # noqa: E402
-from test_step import NOISE, check_recovery  # noqa: E402
+import oracle as O
+import step_helpers as h
+from test_step import NOISE, check_recovery
 
 
 def test_cube_recipe_from_command_line(tmp_path, monkeypatch):

@@ -13,16 +13,12 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("stpipe")
-pytest.importorskip("stdatamodels")
-pytest.importorskip("gwcs")
+import oracle as O
+import step_helpers as h
 
-import oracle as O  # noqa: E402
-import step_helpers as h  # noqa: E402
-
-from jwst_wiimatch import models as adapters  # noqa: E402
-from jwst_wiimatch.models import WiiMatchLibrary  # noqa: E402
-from jwst_wiimatch.step import WiiMatchStep  # noqa: E402
+from jwst_wiimatch import models as adapters
+from jwst_wiimatch.models import WiiMatchLibrary
+from jwst_wiimatch.step import WiiMatchStep
 
 NOISE = 0.05
 # the largest RMS error allowed on a recovered difference of backgrounds

@@ -9,11 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("stpipe")
-pytest.importorskip("stdatamodels")
-pytest.importorskip("gwcs")
-
-import step_helpers as h  # noqa: E402
+import step_helpers as h
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
