@@ -24,7 +24,6 @@ See ``docs/pipeline.rst``.
 import contextlib
 import logging
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 
@@ -36,7 +35,7 @@ from .core.inputs import check_solver
 from .matching import map_models
 from .models import records
 from .models.library import SavedOutputs
-from .step import WiiMatchStep, library_copies, parse_cores
+from .step import WiiMatchStep, library_copies, new_library, parse_cores
 
 __all__ = ["WiiMatchSkyStep", "WiiMatchImage3Pipeline"]
 
@@ -106,52 +105,48 @@ class WiiMatchSkyStep(WiiMatchStep):
         # on disk when this step or its pipeline says so (--in_memory=false)
         in_memory = bool(self.in_memory) and bool(getattr(self.parent, "in_memory", True))
         stream = self._streams_outputs(input_data)
+        on_disk = stream or not in_memory
         with contextlib.ExitStack() as stack:
-            tmpdir = (stack.enter_context(tempfile.TemporaryDirectory(prefix="wiimatch_"))
-                      if stream else None)
-            library = self._as_library(input_data, in_memory, stream_dir=tmpdir)
+            scratch = self._scratch_folder(stack, on_disk, keep=not stream)
+            library = self._as_library(input_data, scratch)
             groups = [list(idx) for idx in library.group_indices.values()]
+            outputs = self._plan_outputs(library, stack, stream)
             if len(groups) < 2:
                 reason = (f"needs at least two exposures to match, got {len(groups)} "
                           "exposure group(s)")
                 log.warning("wiimatch: %s; nothing done", reason)
-                save = self._saver(library) if stream else None
-                paths = map_models(library, lambda m, k: self._skip_one(m, k, reason, save),
-                                   modify=not stream, threads=1)
-                return self._saved_result(paths, _SavedModelLibrary) if stream else library
+                map_models(library, lambda m, k: records.record_skipped(m, reason),
+                           modify=True, threads=1)
+                saved = self._save_outputs(library, outputs, staged=False, threads=1,
+                                           library_class=_SavedModelLibrary)
+                return saved if stream else library
             log.info("wiimatch: %d exposures in %d exposure groups%s", len(library),
                      len(groups),
                      " (library kept on disk)" if getattr(library, "_on_disk", False) else "")
             saved = self._match_and_apply(library, stack, stream, solver, threads,
                                           kind="sky", groups=groups,
                                           extra={"matched_on": MATCHED_ON},
-                                          library_class=_SavedModelLibrary)
+                                          library_class=_SavedModelLibrary, outputs=outputs)
         return saved if stream else library
 
-    def _skip_one(self, model, index, reason, save):
-        records.record_skipped(model, reason)
-        return save(model, index) if save is not None else None
-
     # ------------------------------------------------------------------
-    def _as_library(self, data, in_memory, stream_dir=None):
-        on_disk = not in_memory or stream_dir is not None
-        kw = {"temp_directory": stream_dir} if stream_dir is not None else {}
+    def _as_library(self, data, scratch=None):
         if isinstance(data, ModelLibrary):
             if self.parent is None and not getattr(data, "_on_disk", False):
                 # standalone: never change the caller's models
                 return ModelLibrary(library_copies(data), on_disk=False)
             return data
         if isinstance(data, (str, os.PathLike)):
-            return ModelLibrary(os.fspath(data), on_disk=on_disk, **kw)
+            return new_library(ModelLibrary, os.fspath(data), scratch)
         if isinstance(data, Mapping):
-            return ModelLibrary(dict(data), on_disk=on_disk, **kw)
+            return new_library(ModelLibrary, dict(data), scratch)
         if isinstance(data, Sequence) and not isinstance(data, str):
             items = []
             for item in data:
                 if isinstance(item, AbstractDataModel) and self.parent is None:
                     item = item.copy()
                 items.append(item)
-            return ModelLibrary(items, on_disk=on_disk)
+            return new_library(ModelLibrary, items, scratch)
         raise TypeError(
             f"cannot use a {type(data).__name__} as input: give a ModelLibrary, an "
             "association file name or dict, or a list of cal models or file names"

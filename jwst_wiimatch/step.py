@@ -19,9 +19,10 @@ from stpipe.datamodel import AbstractDataModel
 from stpipe.library import AbstractModelLibrary
 
 from .core.inputs import check_solver
-from .matching import apply_outcomes, default_threads, match_models
+from .matching import apply_outcomes, default_threads, map_models, match_models
 from .models import WiiMatchLibrary, check_association
 from .models.library import SavedLibrary, member_file, outputs_association
+from .models.outputs import OutputSet, save_atomically
 
 __all__ = ["WiiMatchStep"]
 
@@ -113,44 +114,59 @@ class WiiMatchStep(Step):
         threads = parse_cores(self.maximum_cores)
         standalone = self.parent is None
         stream = self._streams_outputs(input_data)
+        on_disk = stream or not self.in_memory
         with contextlib.ExitStack() as stack:
             # a standalone run that saves its results reads the association's
             # files on demand and writes each output when it is done: memory
             # holds one model per worker thread, never all of them
-            tmpdir = (stack.enter_context(tempfile.TemporaryDirectory(prefix="wiimatch_"))
-                      if stream else None)
-            output, library = self._prepare(input_data, standalone, stream_dir=tmpdir)
+            scratch = self._scratch_folder(stack, on_disk, keep=not stream)
+            output, library = self._prepare(input_data, standalone, scratch=scratch)
             if len(library) == 0:
                 raise ValueError(
                     "input holds no models: give an association with at least two "
                     "members (or a list of two or more models)"
                 )
+            outputs = self._plan_outputs(library, stack, stream)
             saved = self._match_and_apply(library, stack, stream, solver, threads,
-                                          kind="grid")
+                                          kind="grid", outputs=outputs)
         return saved if stream else output
 
     # ------------------------------------------------------------------
     def _match_and_apply(self, library, stack, stream, solver, threads, *, kind,
-                         groups=None, extra=None, library_class=None):
+                         groups=None, extra=None, library_class=None, outputs=None):
         """Match, record (and subtract) with this step's parameters; log the summary.
 
-        With ``stream`` each output is saved as soon as it is done and the
-        library over the saved files is returned (else None). ``stack`` keeps
-        the dask client, if any, open until the caller's block ends.
+        With ``outputs`` (an `OutputSet` from `_plan_outputs`) every output is
+        saved here, all or none: with ``stream`` each one as soon as it is
+        done, and the library over the saved files is returned; otherwise
+        after all are done (and None is returned). ``stack`` keeps the dask
+        client, if any, open until the caller's block ends.
         """
         client = stack.enter_context(dask_client(self.scheduler))
         outcomes, summary = match_models(
             library, kind=kind, groups=groups, degree=self.degree, refpoint=self.refpoint,
             solver=solver, dqbits=self.dqbits, binning=self.binning, threads=threads,
             client=client)
-        paths = apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
-                               solver=solver, dqbits=self.dqbits, threads=threads,
-                               extra=extra, after=self._saver(library) if stream else None,
-                               client=client)
+        apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
+                       solver=solver, dqbits=self.dqbits, threads=threads,
+                       extra=extra, after=outputs if stream else None, client=client)
         log_summary(outcomes, summary)
-        if not stream:
+        saved = self._save_outputs(library, outputs, stream, threads, library_class)
+        return saved if stream else None
+
+    def _save_outputs(self, library, outputs, staged, threads=None, library_class=None):
+        """Publish the outputs of a run; return the library over the saved files.
+
+        ``staged``: every output was staged already (streamed). None when
+        there is nothing for this step to save.
+        """
+        if outputs is None:
             return None
-        return self._saved_result(paths, library_class or SavedLibrary)
+        if not staged:
+            map_models(library, outputs.stage, modify=False, threads=threads)
+        paths = outputs.commit()
+        self.save_results = False  # every output is written already (run() restores it)
+        return (library_class or SavedLibrary)(outputs_association(paths))
 
     def _streams_outputs(self, data):
         """True for a standalone run on an association that saves its results."""
@@ -159,35 +175,88 @@ class WiiMatchStep(Step):
                      or isinstance(data, (str, os.PathLike))
                      and os.fspath(data).lower().endswith(".json")))
 
-    def _saver(self, library):
-        """A picklable ``after(model, index)`` that saves each output when done.
+    @staticmethod
+    def _scratch_folder(stack, on_disk, keep=False):
+        """A ``TemporaryDirectory`` in the system's temporary directory (TMPDIR), or None.
 
-        Output names are those stpipe gives (``make_output_path`` of each
-        member's file name), fixed before anything runs, so the saving can
-        happen in worker threads or dask tasks.
+        Removed when ``stack`` closes, unless ``keep``: then it lives as long
+        as the on-disk library that `new_library` gives it to.
         """
-        paths = []
-        for k in range(len(library)):
-            member = member_file(library, k)
-            if member is None:
-                raise RuntimeError(f"association member {k} has no file")  # pragma: no cover
-            paths.append(self.make_output_path(basepath=os.path.basename(member)))
-        return SaveAs(paths)
+        if not on_disk:
+            return None
+        scratch = tempfile.TemporaryDirectory(prefix="wiimatch_scratch_")
+        if not keep:
+            stack.callback(scratch.cleanup)
+        return scratch
 
-    def _saved_result(self, paths, library_class=SavedLibrary):
-        """The library over outputs saved by `_saver` (stpipe saves nothing more)."""
-        self.save_results = False  # every output is written already
-        return library_class(outputs_association(paths))
+    def _plan_outputs(self, library, stack, stream):
+        """The checked `OutputSet` of a run that saves its own outputs, or None.
+
+        A standalone run that saves its results writes them itself: every
+        path is checked before the first write and each file is written
+        under a temporary name first (see `jwst_wiimatch.models.outputs`).
+        With post-hooks stpipe saves after the hooks, one file at a time
+        (still atomically, see `save_model`).
+        """
+        if not stream and (self.parent is not None or not self.save_results
+                           or getattr(self, "post_hooks", None)):
+            return None
+        n = len(library)
+        files = [member_file(library, k) for k in range(n)]
+        if all(files):
+            names = [os.path.basename(f) for f in files]
+        else:
+            names = list(library.map_function(
+                lambda model, index: model.meta.filename, modify=False))
+        if self.output_use_model:
+            paths = [self.make_output_path(basepath=name) for name in names]
+        else:
+            paths = [self.make_output_path(basepath=self.output_file,
+                                           idx=k if n > 1 else None) for k in range(n)]
+        sources = [f"model {k} ({name})" for k, name in enumerate(names)]
+        return stack.enter_context(OutputSet(paths, sources=sources,
+                                             inputs=[f for f in files if f]))
+
+    def run(self, *args, **kwargs):
+        """Run the step (see `stpipe.Step.run`); its parameters are left as they were."""
+        save_results = self.save_results
+        try:
+            return super().run(*args, **kwargs)
+        finally:
+            self.save_results = save_results
+
+    @classmethod
+    def call(cls, *args, **kwargs):
+        """Create and run a new instance of the step (see `stpipe.Step.call`)."""
+        if args:
+            check_input_kind(args[0])
+        return super().call(*args, **kwargs)
+
+    def save_model(self, model, suffix=None, idx=None, output_file=None, force=False,
+                   **components):
+        """Save as `stpipe.Step.save_model` does, through a temporary name (atomic)."""
+        if not isinstance(model, AbstractDataModel) or isinstance(model, Sequence):
+            return super().save_model(model, suffix=suffix, idx=idx,
+                                      output_file=output_file, force=force, **components)
+        if output_file is None or output_file == "":
+            output_file = self.output_file
+        if not force and not self.save_results and not output_file:
+            return None
+        if self.output_use_model or (output_file is None and not self.search_output_file):
+            output_file = model.meta.filename
+            idx = None
+        path = self.make_output_path(basepath=output_file, suffix=suffix, idx=idx,
+                                     **components)
+        return save_atomically(model, path)
 
     # ------------------------------------------------------------------
-    def _prepare(self, data, standalone, stream_dir=None):
+    def _prepare(self, data, standalone, scratch=None):
         """Return (output container, model library over its models).
 
-        With ``stream_dir`` (a temporary folder), an association is read into
-        an on-disk library that keeps no model in memory.
+        With ``scratch`` (from `_scratch_folder`), an association is read into
+        an on-disk library that keeps no model in memory, its temporary files
+        in ``scratch``.
         """
-        on_disk = not self.in_memory or stream_dir is not None
-        kw = {"temp_directory": stream_dir} if stream_dir is not None else {}
         if isinstance(data, AbstractModelLibrary):
             lib = data
             if standalone and not getattr(lib, "_on_disk", False):
@@ -198,14 +267,14 @@ class WiiMatchStep(Step):
             if path.lower().endswith(".json"):
                 if not os.path.isfile(path):
                     raise ValueError(f"association file {path!r} does not exist")
-                lib = WiiMatchLibrary(path, on_disk=on_disk, **kw)
+                lib = new_library(WiiMatchLibrary, path, scratch)
                 lib.check_members_exist()
                 return lib, lib
             model = _open_model(path, path)
             return model, WiiMatchLibrary([model])
         if isinstance(data, Mapping):
             asn = check_association(copy.deepcopy(dict(data)), name="association dict")
-            lib = WiiMatchLibrary(asn, on_disk=on_disk, **kw)
+            lib = new_library(WiiMatchLibrary, asn, scratch)
             lib.check_members_exist()
             return lib, lib
         if isinstance(data, AbstractDataModel) and not isinstance(data, Sequence):
@@ -228,17 +297,43 @@ class WiiMatchStep(Step):
                     )
             out = models if isinstance(data, list) else tuple(models)
             return out, WiiMatchLibrary(list(models))
-        raise TypeError(
-            f"cannot use a {type(data).__name__} as input: give an association "
-            "file name or dict, a list of models or file names, a ModelContainer "
-            "or a model library"
-        )
+        check_input_kind(data)
+        raise _input_kind_error(data)  # pragma: no cover (check_input_kind raised)
+
+
+def _input_kind_error(data):
+    return TypeError(
+        f"cannot use a {type(data).__name__} as input: give an association "
+        "file name or dict, a list of models or file names, a ModelContainer "
+        "or a model library"
+    )
+
+
+def check_input_kind(data):
+    """Raise TypeError (saying what is accepted) unless ``data`` is a kind of input we take."""
+    if isinstance(data, (str, os.PathLike, Mapping, AbstractModelLibrary, list, tuple)):
+        return
+    if isinstance(data, AbstractDataModel) or _is_model_container(data):
+        return
+    raise _input_kind_error(data)
 
 
 def _is_model_container(obj):
     # jwst's ModelContainer, without importing jwst
     return (isinstance(obj, Sequence) and not isinstance(obj, (str, list, tuple))
             and type(obj).__name__ == "ModelContainer")
+
+
+def new_library(cls, data, scratch=None):
+    """``cls(data)``, on disk in ``scratch`` (a ``TemporaryDirectory``) when given.
+
+    The library keeps ``scratch`` and stpipe removes it with the library.
+    """
+    if scratch is None:
+        return cls(data, on_disk=False)
+    lib = cls(data, on_disk=True, temp_directory=scratch.name)
+    lib._temp_dir = scratch  # removed by AbstractModelLibrary.__del__
+    return lib
 
 
 def library_copies(lib):
@@ -258,19 +353,6 @@ def _open_model(path, what):
         return datamodels.open(path)
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{what}: cannot open {path!r} as a datamodel ({exc})") from None
-
-
-class SaveAs:
-    """``after(model, index)`` for `apply_outcomes`: save model ``index`` to ``paths[index]``."""
-
-    def __init__(self, paths):
-        self.paths = list(paths)
-
-    def __call__(self, model, index):
-        path = self.paths[index]
-        model.save(path)
-        log.info("Saved model in %s", path)
-        return path
 
 
 @contextlib.contextmanager
