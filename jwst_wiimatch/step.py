@@ -9,7 +9,9 @@ import contextlib
 import copy
 import logging
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -218,10 +220,15 @@ class WiiMatchStep(Step):
                                              inputs=[f for f in files if f]))
 
     def run(self, *args, **kwargs):
-        """Run the step (see `stpipe.Step.run`); its parameters are left as they were."""
+        """Run the step (see `stpipe.Step.run`); its parameters are left as they were.
+
+        A standalone run turns SIGTERM into ``SystemExit`` while it runs, so
+        that a terminated run removes its scratch and staging folders.
+        """
         save_results = self.save_results
         try:
-            return super().run(*args, **kwargs)
+            with _terminate_cleanly(self.parent is None):
+                return super().run(*args, **kwargs)
         finally:
             self.save_results = save_results
 
@@ -353,6 +360,26 @@ def _open_model(path, what):
         return datamodels.open(path)
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{what}: cannot open {path!r} as a datamodel ({exc})") from None
+
+
+@contextlib.contextmanager
+def _terminate_cleanly(active):
+    """While active (main thread, default SIGTERM handling): SIGTERM raises SystemExit."""
+    if (not active or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def terminate(signum, frame):
+        log.error("wiimatch: terminated (SIGTERM); removing temporary files, "
+                  "no output of this run is published")
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

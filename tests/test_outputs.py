@@ -10,13 +10,13 @@ full disk) and into a real ``strun`` process (killed while saving).
 import errno
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -349,11 +349,32 @@ KILL_SCRIPT = textwrap.dedent("""
         return real(self, path, *a, **k)
     ImageModel.save = slow_save
     Step.from_cmdline(["wiimatch", sys.argv[1], "--output_dir", sys.argv[2],
-                       "--maximum_cores", "none"])
+                       "--maximum_cores", "none", *sys.argv[3:]])
 """)
 
 
-def test_kill_while_saving_leaves_outputs_intact(asn_run, tmp_path):
+def run_until_half_written(script, args, env, sig):
+    """Start ``script`` with ``args``; send ``sig`` once it printed HALF-WRITTEN."""
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        deadline = time.time() + 120
+        for line in proc.stdout:
+            lines.append(line)
+            if "HALF-WRITTEN" in line or time.time() > deadline:
+                break
+        proc.send_signal(sig)
+        lines.extend(proc.stdout.readlines())
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    return proc.returncode, "".join(lines[-40:])
+
+
+def test_kill_while_saving_leaves_outputs_intact(asn_run, tmp_path, caplog):
     """A real strun process killed (SIGKILL) while writing its 2nd output: every
     output path keeps its earlier contents; the next run warns about the staging
     folder the killed run left and then publishes a complete set."""
@@ -362,37 +383,40 @@ def test_kill_while_saving_leaves_outputs_intact(asn_run, tmp_path):
     earlier = folder_state(out)
     script = tmp_path / "killme.py"
     script.write_text(KILL_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(script), asn, str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
-    lines = []
-    try:
-        deadline = time.time() + 120
-        for line in proc.stdout:
-            lines.append(line)
-            if "HALF-WRITTEN" in line or time.time() > deadline:
-                break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL, "".join(lines[-30:])
+    env = dict(os.environ, PYTHONPATH=HERE)
+    rc, text = run_until_half_written(script, [asn, str(out)], env, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, text
     left = staging_left(out)
     assert len(left) == 1
     # outputs untouched; the only new thing is the hidden staging folder
     now = {k: v for k, v in folder_state(out).items() if not k.startswith(STAGING_PREFIX)}
     assert now == earlier
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jwst_wiimatch"):
         WiiMatchStep.call(asn, save_results=True, output_dir=str(out))
-    texts = [str(w.message) for w in rec if issubclass(w.category, OutputWarning)]
+    texts = [r.getMessage() for r in caplog.records if r.name.startswith("jwst_wiimatch")]
     assert any("did not finish" in t and left[0] in t for t in texts), texts
+    assert staging_left(out) == left  # reported, not removed: it is not ours
     for p in outputs_of(src, out):
         with ImageModel(str(p)) as m:
             assert m.meta.cal_step.wiimatch == "COMPLETE"
+
+
+def test_terminated_run_cleans_up(asn_run, tmp_path):
+    """SIGTERM while saving (in_memory=false): the run exits, removes its scratch
+    folder in TMPDIR and its staging folder, and publishes nothing."""
+    asn, src, out = asn_run
+    script = tmp_path / "termme.py"
+    script.write_text(KILL_SCRIPT)
+    scratch_root = tmp_path / "tmpdir"
+    scratch_root.mkdir()
+    env = dict(os.environ, PYTHONPATH=HERE, TMPDIR=str(scratch_root))
+    rc, text = run_until_half_written(script, [asn, str(out), "--in_memory", "false"],
+                                      env, signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM, text
+    assert "terminated (SIGTERM)" in text
+    assert os.listdir(out) == []
+    assert os.listdir(scratch_root) == []
 
 
 def test_call_on_array_says_what_is_accepted():
