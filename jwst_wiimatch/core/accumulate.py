@@ -25,6 +25,8 @@ from typing import NamedTuple
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .inputs import SIGMA_MAX, SIGMA_MIN
+
 __all__ = ["PairMoments", "accumulate", "valid_box"]
 
 # Pixels per block: bounds the temporaries (a few float64 arrays per image of
@@ -48,6 +50,9 @@ class PairMoments:
     image_npix: np.ndarray = None
     nonfinite: np.ndarray = None
     bad_coords: int = 0
+    #: per image: valid pixels left out because their (finite, positive)
+    #: sigma is too small or too large for its square to be a normal float64
+    sigma_out: np.ndarray = None
 
     def add_pair(self, key, s, t, chi, npix):
         """Add the sums of one pair over one part of the grid."""
@@ -69,6 +74,7 @@ class PairMoments:
         self.image_npix += other.image_npix
         self.nonfinite += other.nonfinite
         self.bad_coords += other.bad_coords
+        self.sigma_out += other.sigma_out
 
 
 def valid_box(mask, shape, origin):
@@ -142,15 +148,24 @@ def axis_cuts(n, length, edges):
     return out
 
 
-# Smallest usable sigma: its square is still a normal float64.
-SIGMA_MIN = float(np.sqrt(np.finfo(np.float64).tiny))
+def _sigma_block(prob, l, sl):
+    """Sigmas of image ``l`` over slices ``sl``, divided by the problem's common scale."""
+    sb = np.asarray(prob.sigmas[l][sl])
+    if sb.dtype.kind != "f":  # integer sigmas: float reductions (initial=inf) need floats
+        sb = sb.astype(np.float64)
+    if prob.sigma_scale != 1.0:
+        sb = sb / prob.sigma_scale
+    return sb
 
 
 def _prepare_image(prob, l, box):
     """Float64 data (0 where invalid), variance (inf where invalid) and validity of a box.
 
-    Also returns the number of pixels that the mask marks valid, whose sigma
-    is not <= 0, but whose data or sigma is NaN or infinite. The caller's
+    Also returns ``(nonfinite, sigma_out)``: the number of pixels that the
+    mask marks valid, whose sigma is not <= 0, but whose data or sigma is NaN
+    or infinite; and the number of valid, finite pixels whose sigma is > 0
+    but outside ``[SIGMA_MIN, SIGMA_MAX]`` (left out: see
+    :func:`jwst_wiimatch.core.inputs.common_sigma_scale`). The caller's
     arrays are only read (checks run on the input dtype, float32 stays cheap).
     """
     sl = _slices(box, prob.origins[l])
@@ -160,11 +175,14 @@ def _prepare_image(prob, l, box):
     s = prob.sigmas[l]
     sb = None
     if isinstance(s, float):
-        if not (s > SIGMA_MIN and np.isfinite(s)):
+        if not SIGMA_MIN < s <= SIGMA_MAX:
+            out = 0
+            if s > 0 and np.isfinite(s):
+                out = int(np.count_nonzero(valid & np.isfinite(src)))
             return (np.zeros(src.shape), np.full(src.shape, np.inf),
-                    np.zeros(src.shape, dtype=bool), 0)
+                    np.zeros(src.shape, dtype=bool), (0, out))
     else:
-        sb = np.asarray(s[sl])
+        sb = _sigma_block(prob, l, sl)
     fin = np.isfinite(src)
     if sb is not None:
         fin &= np.isfinite(sb)
@@ -175,12 +193,18 @@ def _prepare_image(prob, l, box):
             bad &= ~(sb <= 0)  # sigma <= 0 means "not used", not "non-finite"
         nonfinite = int(np.count_nonzero(bad))
         valid &= fin
+    out = 0
     if sb is not None:
-        valid &= sb > SIGMA_MIN
+        with np.errstate(invalid="ignore"):
+            # float64 bounds (not cast to the sigmas' dtype, where they overflow)
+            good = (sb > np.float64(SIGMA_MIN)) & (sb <= np.float64(SIGMA_MAX))
+        if not good.all():
+            out = int(np.count_nonzero(valid & ~good & (sb > 0)))
+            valid &= good
     if valid.all():  # common inside a footprint: plain conversions
         d = src.astype(np.float64)
         var = np.full(src.shape, s * s) if sb is None else np.square(sb, dtype=np.float64)
-        return d, var, valid, nonfinite
+        return d, var, valid, (nonfinite, out)
     d = np.zeros(src.shape)
     np.copyto(d, src, where=valid)
     var = np.full(src.shape, np.inf)
@@ -188,7 +212,7 @@ def _prepare_image(prob, l, box):
         np.copyto(var, s * s, where=valid)
     else:
         np.square(sb, out=var, where=valid, dtype=np.float64)
-    return d, var, valid, nonfinite
+    return d, var, valid, (nonfinite, out)
 
 
 def _fill_image(prob, l, box, d, var):
@@ -196,14 +220,14 @@ def _fill_image(prob, l, box, d, var):
 
     ``d`` and ``var`` are views of the box's shape. On return they hold what
     :func:`_prepare_image` gives: data (0 where not valid) and variance (inf
-    where not valid). Returns ``(valid, nonfinite)``: the validity (None when
-    every pixel of the box is valid) and the count of non-finite valid
-    pixels. The common cases (every pixel the mask marks valid is finite,
+    where not valid). Returns ``(valid, counts)``: the validity (None when
+    every pixel of the box is valid) and the counts of
+    :func:`_prepare_image`. The common cases (every pixel the mask marks valid is finite,
     with a usable sigma) cost a few whole-box operations, which release the
     GIL; anything else goes through :func:`_prepare_image`.
     """
     s = prob.sigmas[l]
-    if isinstance(s, float) and not (s > SIGMA_MIN and np.isfinite(s)):
+    if isinstance(s, float) and not SIGMA_MIN < s <= SIGMA_MAX:
         d[...] = 0.0
         var[...] = np.inf
         return np.zeros(d.shape, dtype=bool), _prepare_image(prob, l, box)[3]
@@ -213,40 +237,43 @@ def _fill_image(prob, l, box, d, var):
     mb = None if m is None else np.asarray(m[sl]).astype(bool, copy=False)
     if mb is not None and mb.all():
         mb = None
-    sb = None if isinstance(s, float) else np.asarray(s[sl])
-    if mb is None:
-        np.copyto(d, src)
-        if sb is None:
-            var.fill(s * s)
-        else:
-            np.square(sb, out=var, dtype=np.float64)
-    else:
-        d[...] = 0.0
-        var[...] = np.inf
-        np.copyto(d, src, where=mb)
-        if sb is None:
-            np.copyto(var, s * s, where=mb)
-        else:
-            np.square(sb, out=var, where=mb, dtype=np.float64)
+    sb = None if isinstance(s, float) else _sigma_block(prob, l, sl)
     ok = True
-    if sb is not None:
-        ok = bool((np.min(sb) if mb is None else np.min(sb, where=mb, initial=np.inf))
-                  > SIGMA_MIN)
-    # A finite sum of d * var over the valid pixels means every term is
-    # finite: the data and the variances are (var > 0 there). An overflow of
-    # the sum only sends us down the careful path.
+    if sb is not None:  # sigmas whose squares are normal float64 numbers
+        if mb is None:
+            ok = float(np.min(sb)) > SIGMA_MIN and float(np.max(sb)) <= SIGMA_MAX
+        else:
+            ok = float(np.min(sb, where=mb, initial=np.inf)) > SIGMA_MIN and \
+                float(np.max(sb, where=mb, initial=0.0)) <= SIGMA_MAX
     if ok:
+        if mb is None:
+            np.copyto(d, src)
+            if sb is None:
+                var.fill(s * s)
+            else:
+                np.square(sb, out=var, dtype=np.float64)
+        else:
+            d[...] = 0.0
+            var[...] = np.inf
+            np.copyto(d, src, where=mb)
+            if sb is None:
+                np.copyto(var, s * s, where=mb)
+            else:
+                np.square(sb, out=var, where=mb, dtype=np.float64)
+        # A finite sum of d * var over the valid pixels means every term is
+        # finite: the data and the variances are (var > 0 there). An overflow
+        # of the sum only sends us down the careful path.
         if mb is None:
             ok = np.isfinite(np.vdot(d, var))
         else:
             ok = np.isfinite(np.add.reduce(d, axis=None)) and \
                 np.isfinite(np.max(var, where=mb, initial=0.0))
     if ok:
-        return mb, 0
-    dd, vv, valid, nonfinite = _prepare_image(prob, l, box)
+        return mb, (0, 0)
+    dd, vv, valid, counts = _prepare_image(prob, l, box)
     d[...] = dd
     var[...] = vv
-    return (None if valid.all() else valid), nonfinite
+    return (None if valid.all() else valid), counts
 
 
 def _powers(u, maxdeg):
@@ -294,7 +321,7 @@ class _BlockSums(NamedTuple):
     chi: np.ndarray  # (P,)
     npix: np.ndarray  # (P,) int64
     image_npix: np.ndarray  # (n,) int64
-    nonfinite: np.ndarray  # (n,) int64
+    nonfinite: np.ndarray  # (n, 2) int64: non-finite, sigma out of range
     bad_coords: int
 
 
@@ -309,7 +336,7 @@ class _Sums:
         self.chi = np.zeros(16)
         self.npix = np.zeros(16, dtype=np.int64)
         self.image_npix = np.zeros(n, dtype=np.int64)
-        self.nonfinite = np.zeros(n, dtype=np.int64)
+        self.nonfinite = np.zeros((n, 2), dtype=np.int64)
         self.bad_coords = 0
 
     def _grow(self, need):
@@ -337,7 +364,9 @@ class _Sums:
         self.npix[idx] += part.npix
 
     def moments(self, mshape, dshape):
-        res = PairMoments(self.n, image_npix=self.image_npix, nonfinite=self.nonfinite,
+        res = PairMoments(self.n, image_npix=self.image_npix,
+                          nonfinite=self.nonfinite[:, 0].copy(),
+                          sigma_out=self.nonfinite[:, 1].copy(),
                           bad_coords=self.bad_coords)
         for key, r in self.rows.items():
             res.S[key] = self.S[r].reshape(mshape).copy()
@@ -385,7 +414,7 @@ class _Accumulator:
         n = self.n
         nd = len(bslices)
         image_npix = np.zeros(n, dtype=np.int64)
-        nonfinite = np.zeros(n, dtype=np.int64)
+        nonfinite = np.zeros((n, 2), dtype=np.int64)
         nS, nT = int(np.prod(self.mshape)), int(np.prod(self.dshape))
         empty = _BlockSums([], np.zeros((0, nS)), np.zeros((0, nT)), np.zeros(0),
                            np.zeros(0, dtype=np.int64), image_npix, nonfinite, 0)

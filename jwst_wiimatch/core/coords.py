@@ -32,9 +32,11 @@ def default_center(shape):
 def call_image2world(image2world, coords, ndim, what="image2world"):
     """Call ``image2world(*coords)`` and check what it returns.
 
-    ``coords`` are 1-D arrays (or scalars) in ``(x, y, ...)`` order. Returns a
-    list of ``ndim`` float64 arrays of the shape of ``coords[0]``.
+    ``coords`` are 1-D arrays in ``(x, y, ...)`` order (as the documentation
+    of ``image2world`` promises its users). Returns a list of ``ndim`` float64
+    arrays of the shape of ``coords[0]``.
     """
+    coords = [np.atleast_1d(np.asarray(c, dtype=float)).ravel() for c in coords]
     out = image2world(*coords)
     if isinstance(out, np.ndarray) and out.ndim >= 1 and out.shape[0] == ndim:
         out = list(out)
@@ -69,9 +71,12 @@ class Frame:
     coord_system : {'image', 'world'}
     shift, scale : tuple
         ``u = (X - shift) / scale`` per coordinate.
+    samples : list of numpy.ndarray, None
+        World frames: coordinates ``X`` (one 1-D array per axis) of a sparse
+        sample of the grid's pixels (see :meth:`sample_coords`).
     """
 
-    def __init__(self, shape, eff_center, image2world, shift, scale):
+    def __init__(self, shape, eff_center, image2world, shift, scale, samples=None):
         self.shape = tuple(shape)
         self.ndim = len(shape)
         self.eff_center = tuple(eff_center)
@@ -79,6 +84,19 @@ class Frame:
         self.coord_system = "image" if image2world is None else "world"
         self.shift = tuple(shift)
         self.scale = tuple(scale)
+        self.samples = samples
+
+    def sample_coords(self):
+        """Coordinates ``X`` of a sparse sample of the grid's pixels, corners included.
+
+        Up to 9 pixels per axis (their product over the axes); one 1-D array
+        per coordinate, ``(x, y, ...)`` order. Pixels whose world
+        coordinates are not finite are left out.
+        """
+        if self.samples is not None:
+            return self.samples
+        pts = _sample_pixels(self.shape)
+        return [pts[:, self.ndim - 1 - j] - c for j, c in enumerate(self.eff_center)]
 
     @property
     def separable(self):
@@ -145,38 +163,51 @@ def _resolve_center(shape, center, image2world, center_cs):
         )
     if image2world is None or center_cs == "world":
         return tuple(float(c) for c in center)
-    conv = call_image2world(image2world, [np.float64(c) for c in center], ndim,
-                            what="image2world (applied to 'center')")
-    return tuple(float(c) for c in conv)
+    # a 1-D array of one point per axis, as image2world is documented to take
+    conv = call_image2world(image2world, [np.array([c], dtype=float) for c in center],
+                            ndim, what="image2world (applied to 'center')")
+    return tuple(float(c[0]) for c in conv)
+
+
+def _sample_pixels(shape):
+    """``(npoints, ndim)`` pixel indices (numpy order): up to 9 per axis, ends included."""
+    ndim = len(shape)
+    axes = [np.unique(np.linspace(0, n - 1, min(n, 9)).round()) for n in shape]
+    return np.array(list(itertools.product(*axes)), dtype=float).reshape(-1, ndim)
 
 
 def _sample_ranges(shape, image2world, eff_center):
-    """Range of each world coordinate (minus center) over a sparse sample of the grid."""
+    """Range of each world coordinate (minus center) over a sparse sample of the grid.
+
+    Also returns the sample's coordinates (pixels with finite world
+    coordinates only), one 1-D array per axis.
+    """
     ndim = len(shape)
-    axes = [np.unique(np.linspace(0, n - 1, min(n, 9)).round()) for n in shape]
-    pts = np.array(list(itertools.product(*axes)), dtype=float).reshape(-1, ndim)
+    pts = _sample_pixels(shape)
     world = call_image2world(image2world, [pts[:, k] for k in range(ndim)][::-1], ndim)
+    good = np.logical_and.reduce([np.isfinite(w) for w in world])
+    samples = [w[good] - c for w, c in zip(world, eff_center)]
     lo, hi = [], []
-    for w, c in zip(world, eff_center):
-        w = w[np.isfinite(w)] - c
+    for w in samples:
         if w.size == 0:
             lo.append(-1.0)
             hi.append(1.0)
         else:
             lo.append(float(w.min()))
             hi.append(float(w.max()))
-    return lo, hi
+    return lo, hi, samples
 
 
 def make_frame(shape, center=None, image2world=None, center_cs="image"):
     """Build the coordinate :class:`Frame` of a grid (see ``match_lsq``'s arguments)."""
     eff_center = _resolve_center(shape, center, image2world, center_cs)
     ndim = len(shape)
+    samples = None
     if image2world is None:
         lo = [-c for c in eff_center]
         hi = [n - 1 - c for n, c in zip(shape[::-1], eff_center)]
     else:
-        lo, hi = _sample_ranges(shape, image2world, eff_center)
+        lo, hi, samples = _sample_ranges(shape, image2world, eff_center)
     shift = [(a + b) / 2 for a, b in zip(lo, hi)]
     scale = []
     for a, b, s in zip(lo, hi, shift):
@@ -185,7 +216,7 @@ def make_frame(shape, center=None, image2world=None, center_cs="image"):
             half = max(abs(s), 1.0)
         scale.append(half)
     assert len(scale) == ndim
-    return Frame(shape, eff_center, image2world, shift, scale)
+    return Frame(shape, eff_center, image2world, shift, scale, samples)
 
 
 def create_coordinate_arrays(image_shape, center=None, image2world=None,

@@ -12,13 +12,22 @@ import numpy as np
 
 from .accumulate import accumulate
 from .coords import make_frame
-from .inputs import check_center, check_inputs, check_solver
-from .poly import coef_from_scaled, moments_to_basis
+from .inputs import (check_center, check_inputs, check_solver, common_sigma_scale,
+                     sigma_unusable)
+from .poly import basis_loss, coef_from_scaled, moments_to_basis
 from .solve import MatchWarning, assemble, gram_index, pinv_tol, solve_system
 
 __all__ = ["MatchResult", "match_backgrounds"]
 
 log = logging.getLogger(__name__)
+
+# The documented-basis coefficients are reported as imprecise when, evaluated
+# on the grid, they differ from the fit by more than this fraction of the
+# largest range of a background over the grid ...
+LOSS_RTOL = 1e-6
+# ... and by more than this fraction of the largest background value (float64
+# evaluation itself rounds at ~1e-16 of it).
+LOSS_LEVEL_RTOL = 1e-12
 
 
 @dataclass
@@ -49,7 +58,13 @@ class MatchResult:
     isolated : list of int
         Images that overlap no other image (their coefficients are 0).
     undetermined : list of tuple
-        ``(image, exponents)`` of coefficients the data do not determine.
+        ``(image, exponents)`` of coefficients the data do not determine
+        (they were set to 0).
+    basis_loss : float
+        Largest difference, over a sample of the grid, between the fitted
+        backgrounds and ``coef`` evaluated in float64 in the documented
+        basis (rounding-level unless the center is far from the grid: then a
+        :class:`MatchWarning` says how large it is).
     """
 
     coef: np.ndarray
@@ -65,6 +80,7 @@ class MatchResult:
     undetermined: list
     frame: object = field(repr=False, default=None)
     moments: object = field(repr=False, default=None)
+    basis_loss: float = 0.0
 
     def equations(self):
         """The normal equations ``(a, b)`` in the documented (unscaled) basis."""
@@ -77,6 +93,12 @@ def documented_equations(frame, mom, degree):
     S = {k: moments_to_basis(v, mdeg, frame.shift, frame.scale) for k, v in mom.S.items()}
     T = {k: moments_to_basis(v, degree, frame.shift, frame.scale) for k, v in mom.T.items()}
     return assemble(mom.nimages, degree, S, T)
+
+
+def _finite(mom):
+    """Whether every pair sum is finite (weights can overflow with tiny sigmas)."""
+    return all(np.all(np.isfinite(v)) for v in mom.S.values()) and \
+        all(np.all(np.isfinite(v)) for v in mom.T.values())
 
 
 def _residuals(mom, coef_u, degree):
@@ -121,6 +143,27 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
     log.debug("accumulating %d images of shape %s, degree %s",
               len(prob.images), prob.shape, prob.degree)
     mom = accumulate(prob, frame, threads=threads, client=client)
+    if prob.has_sigmas and (mom.sigma_out.any() or not _finite(mom)):
+        # sigmas so small or large that their squares (or the sums of the
+        # weights) leave float64: a common scale changes no result
+        scale = common_sigma_scale(prob.sigmas, prob.masks)
+        if scale != 1.0:
+            log.debug("sigmas divided by %g so that their squares fit in float64", scale)
+            prob.sigmas = [s / scale if isinstance(s, float) else s for s in prob.sigmas]
+            prob.sigma_scale = scale
+            mom = accumulate(prob, frame, threads=threads, client=client)
+    out = np.flatnonzero(mom.sigma_out)
+    if out.size:
+        counts = ", ".join(f"images[{l}]: {mom.sigma_out[l]}" for l in out)
+        warnings.warn(
+            "pixels whose sigma is too small or too large (next to the other sigmas) "
+            "for its square to be a float64 were left out of the fit "
+            f"({counts}).", MatchWarning, stacklevel=4)
+    if prob.has_sigmas:
+        for l in np.flatnonzero(mom.image_npix == 0):
+            why = sigma_unusable(int(l), prob.sigmas[l], prob.masks[l])
+            if why:
+                prob.unusable[int(l)] = why
     bad = np.flatnonzero(mom.nonfinite)
     if bad.size:
         counts = ", ".join(f"images[{l}]: {mom.nonfinite[l]}" for l in bad)
@@ -193,8 +236,10 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
     n = len(prob.images)
     a_u, b_u = assemble(n, prob.degree, mom.S, mom.T)
     tol = pinv_tol(prob.images[0].dtype) if method == "PINV" else None
-    coef_u, info = solve_system(a_u, b_u, n, method=method, tol=tol, degree=prob.degree)
+    coef_u, info = solve_system(a_u, b_u, n, method=method, tol=tol, degree=prob.degree,
+                                reasons=prob.unusable)
     coef = coef_from_scaled(coef_u, prob.degree, frame.shift, frame.scale)
+    loss = _check_basis_loss(coef_u, coef, prob.degree, frame)
     rms, rms_before, pair_npix = _residuals(mom, coef_u, prob.degree)
     log.debug("matched %d images (%d overlapping pairs) in %.3f s",
               n, len(mom.S), time.perf_counter() - t0)
@@ -202,5 +247,32 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         coef=coef, degree=prob.degree, eff_center=frame.eff_center,
         coord_system=frame.coord_system, npix=mom.image_npix, pair_npix=pair_npix,
         rms=rms, rms_before=rms_before, components=info.components,
-        isolated=info.isolated, undetermined=info.undetermined, frame=frame, moments=mom)
+        isolated=info.isolated, undetermined=info.undetermined, frame=frame, moments=mom,
+        basis_loss=loss)
+
+
+def _check_basis_loss(coef_u, coef, degree, frame):
+    """Warn when ``coef`` (documented basis) cannot hold the fit to float64 precision.
+
+    The conversion itself is exact up to one rounding per coefficient; but
+    with a center far from the grid, the polynomial written about the center
+    has huge coefficients that cancel over the grid, and float64 numbers of
+    that size cannot carry the cancelling digits. Measured by evaluating both
+    forms on a sample of the grid (corners included). Returns the loss.
+    """
+    if not any(degree) or not np.any(coef_u):
+        return 0.0
+    loss, spread, level = basis_loss(coef_u, coef, degree, frame.shift, frame.scale,
+                                     frame.sample_coords())
+    if loss > max(LOSS_RTOL * spread, LOSS_LEVEL_RTOL * level):
+        far = max(abs(s) / h for s, h in zip(frame.shift, frame.scale))
+        warnings.warn(
+            f"the coefficients cannot represent the fitted backgrounds to float64 "
+            f"precision in the documented basis (polynomials about the center "
+            f"{tuple(float(c) for c in frame.eff_center)}, which lies {far:.3g} "
+            f"half-widths of the grid away from the grid's middle): evaluated on the "
+            f"grid they differ from the fit by up to {loss:.3g}, against a background "
+            f"range of {spread:.3g} over the grid. Use a center on or near the grid "
+            "(e.g. center=None) or a lower degree.", MatchWarning, stacklevel=3)
+    return loss
 

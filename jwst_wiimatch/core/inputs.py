@@ -5,15 +5,33 @@ into plain numpy arrays (never copied when they already are arrays: inputs may
 be memory-mapped) so that the accumulation code can trust its inputs. Errors
 name the argument and say how to fix it.
 """
-from dataclasses import dataclass
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 import numpy as np
 
 __all__ = ["Problem", "check_inputs", "check_degree", "check_center", "check_solver",
-           "check_origins"]
+           "check_origins", "check_size", "MatchWarning"]
 
 SOLVERS = ("RLU", "PINV")
+
+# Sigmas are used through their squares: the smallest and largest sigma whose
+# square (and the sum of two squares) is a finite, normal float64.
+SIGMA_MIN = float(np.sqrt(np.finfo(np.float64).tiny))
+SIGMA_MAX = float(np.sqrt(np.finfo(np.float64).max / 4))
+# Integers of larger magnitude are not all exactly representable in float64.
+FLOAT64_EXACT_INT = 2**53
+# Bytes of float64 matrices of the size of the normal equations held at once
+# while they are assembled and solved (a, the reduced system, its scaled copy,
+# the factorisation or eigenvectors, ``ext_return``'s copy).
+NORMAL_COPIES = 5
+
+
+class MatchWarning(UserWarning):
+    """Something about the inputs that the result depends on (see the message)."""
 
 
 @dataclass
@@ -27,6 +45,8 @@ class Problem:
     shape: tuple  # the grid's shape
     degree: tuple  # (x, y, ...) order
     origins: list = None  # grid index (numpy order) of each image's first pixel
+    sigma_scale: float = 1.0  # array sigmas are divided by this (scalars already are)
+    unusable: dict = field(default_factory=dict)  # image -> why it has no usable pixel
 
 
 def _as_real_array(x, what):
@@ -179,6 +199,206 @@ def check_origins(origins, grid_shape, shapes):
     return out, grid
 
 
+def _memory_bytes():
+    """Physical memory of this machine in bytes (None when it cannot be told)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(nbytes):
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
+def check_size(degree, sizes, memory=None):
+    """Refuse a degree whose unknowns cannot be solved for, before any work.
+
+    Parameters
+    ----------
+    degree : tuple of int
+        Validated degree, ``(x, y, ...)`` order.
+    sizes : sequence of int
+        Number of pixels of each image.
+    memory : int, None
+        Bytes available (default: the machine's physical memory).
+
+    Raises
+    ------
+    ValueError
+        When the unknowns (``N * prod(D_j + 1)``) outnumber the pixels of the
+        images, or when the normal equations would not fit in memory.
+    """
+    n = len(sizes)
+    nterms = math.prod(d + 1 for d in degree)
+    unknowns = n * nterms
+    npix = int(sum(sizes))
+    if unknowns > npix:
+        raise ValueError(
+            f"'degree' {degree} gives {nterms} polynomial terms per image, {unknowns} "
+            f"unknowns for {n} image(s), more than the {npix} pixels of the images: "
+            "the fit cannot determine them. Lower the degree (one term per axis and "
+            "degree: prod(degree + 1) terms per image)."
+        )
+    need = NORMAL_COPIES * 8 * unknowns**2
+    need += 8 * (n * (n - 1) // 2) * (math.prod(2 * d + 1 for d in degree) + nterms)
+    memory = _memory_bytes() if memory is None else memory
+    if memory is not None and need > memory:
+        raise ValueError(
+            f"'degree' {degree} gives {unknowns} unknowns ({n} image(s) x {nterms} "
+            f"terms): the normal equations would need about {_gib(need)} of memory, "
+            f"more than the {_gib(memory)} of this machine. Lower the degree, or match "
+            "fewer images at once."
+        )
+
+
+class OffsetInteger:
+    """An integer image minus a common integer offset, read as int64 by blocks.
+
+    Matching depends only on differences between images, so subtracting one
+    integer from all of them changes nothing, and it keeps integers beyond
+    2**53 exact when they are converted to float64 for the sums. Indexing
+    (``img[slices]``) returns ``int64``; ``shape``, ``ndim`` and ``dtype``
+    are those an array would have.
+    """
+
+    def __init__(self, arr, offset):
+        self.arr = arr
+        self.offset = int(offset)
+        self.shape = arr.shape
+        self.ndim = arr.ndim
+        self.dtype = np.dtype(np.int64)
+
+    def __getitem__(self, key):
+        # modulo 2**64, right wherever the difference fits in int64 (it does
+        # wherever the mask marks the pixel valid: checked in check_inputs)
+        a = np.asarray(self.arr[key]).astype(np.uint64)
+        return (a - np.uint64(self.offset % 2**64)).view(np.int64)
+
+
+def _int_range(arr, mask):
+    """(min, max) as Python ints over the pixels ``mask`` marks valid, or None."""
+    if mask is None:
+        if arr.size == 0:
+            return None
+        return int(arr.min()), int(arr.max())
+    ok = np.asarray(mask).astype(bool)
+    if not ok.any():
+        return None
+    info = np.iinfo(arr.dtype)
+    return (int(np.min(arr, where=ok, initial=info.max)),
+            int(np.max(arr, where=ok, initial=info.min)))
+
+
+def _exact_integers(imgs, masks):
+    """Make 64-bit integer images exact in float64 when a common offset can.
+
+    Returns the images (some wrapped in :class:`OffsetInteger`); warns with
+    :class:`MatchWarning` when values that float64 cannot hold remain,
+    naming the images and the size of the rounding.
+    """
+    big = [k for k, im in enumerate(imgs) if im.dtype.kind in "iu" and im.dtype.itemsize >= 8]
+    if not big:
+        return imgs
+    ranges = {k: _int_range(imgs[k], masks[k]) for k in big}
+    ranges = {k: r for k, r in ranges.items() if r is not None}
+    if not ranges or all(max(-lo, hi) <= FLOAT64_EXACT_INT for lo, hi in ranges.values()):
+        return imgs
+    offset = 0
+    if len(big) == len(imgs):  # all integers: one common offset keeps them exact
+        lo = min(r[0] for r in ranges.values())
+        hi = max(r[1] for r in ranges.values())
+        if hi - lo < 2**63:
+            offset = (lo + hi) // 2
+            imgs = [OffsetInteger(im, offset) for im in imgs]
+    lost = {k: max(abs(lo - offset), abs(hi - offset)) for k, (lo, hi) in ranges.items()}
+    lost = {k: v for k, v in lost.items() if v > FLOAT64_EXACT_INT}
+    if lost:
+        desc = ", ".join(
+            f"images[{k}]: values up to {float(v):.3g}, rounded by up to "
+            f"{2.0 ** (v.bit_length() - 54):.3g}" for k, v in sorted(lost.items()))
+        where = "" if offset == 0 else f" (after subtracting {offset} from every image)"
+        warnings.warn(
+            "integer images hold values beyond 2**53, which float64 cannot represent "
+            f"exactly{where}: the sums are made in float64, so these values are "
+            f"rounded ({desc}). Subtract a common level from the images first.",
+            MatchWarning, stacklevel=5)
+    return imgs
+
+
+def _sigma_range(s, mask):
+    """``(usable, lo, hi)``: pixels with a usable sigma and its smallest/largest value.
+
+    Usable: the mask marks the pixel valid and its sigma is finite and > 0.
+    """
+    s = np.asarray(s)
+    if s.size == 0:
+        return 0, np.inf, 0.0
+    if s.dtype.kind != "f":
+        s = s.astype(np.float64)
+    lo, hi = float(np.min(s)), float(np.max(s))
+    if mask is None and lo > 0 and np.isfinite(hi):
+        return s.size, lo, hi
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(s) & (s > 0)
+    if mask is not None:
+        ok &= np.asarray(mask).astype(bool)
+    usable = int(np.count_nonzero(ok))
+    if not usable:
+        return 0, np.inf, 0.0
+    return usable, float(np.min(s, where=ok, initial=np.inf)), \
+        float(np.max(s, where=ok, initial=0.0))
+
+
+def sigma_unusable(k, sigma, mask):
+    """Why ``sigmas[k]`` leaves image ``k`` no usable pixel, or None when it does not."""
+    if isinstance(sigma, float):
+        if sigma > 0 and np.isfinite(sigma):
+            return None
+        return f"sigmas[{k}] = {sigma!r} is not a positive finite number"
+    if np.asarray(sigma).size == 0 or _sigma_range(sigma, mask)[0]:
+        return None
+    where = "every pixel" if mask is None else "every pixel the mask marks valid"
+    return f"sigmas[{k}] is zero, negative or non-finite at {where}"
+
+
+def common_sigma_scale(sigmas, masks):
+    """A factor to divide all sigmas by so that their squares can be summed in float64.
+
+    The solution does not depend on a common scale of all the weights
+    ``1 / (sigma_l**2 + sigma_m**2)``; sigmas too small (``1e-200``) or too
+    large for their squares are made usable by dividing all of them by the
+    geometric middle of their range (the engine does this only when some
+    pixel's sigma is out of range: it costs a pass over the sigmas).
+
+    Raises
+    ------
+    ValueError
+        When the usable sigmas span a range whose squares no common factor
+        brings into float64.
+    """
+    lo, hi = np.inf, 0.0
+    for s, m in zip(sigmas, masks):
+        if isinstance(s, float):
+            if s > 0 and np.isfinite(s):
+                lo, hi = min(lo, s), max(hi, s)
+            continue
+        n, slo, shi = _sigma_range(s, m)
+        if n:
+            lo, hi = min(lo, slo), max(hi, shi)
+    if not hi > 0:
+        return 1.0
+    # the geometric middle of the range becomes 1 (in logs: no overflow)
+    scale = 2.0 ** ((math.log2(lo) + math.log2(hi)) / 2)
+    if not (SIGMA_MIN < lo / scale and hi / scale <= SIGMA_MAX):
+        raise ValueError(
+            f"'sigmas' span {lo:.3g} to {hi:.3g}: their squares cannot be held in "
+            "float64 together, even after a common rescaling. Check the sigmas (give "
+            "0 or NaN for pixels not to use)."
+        )
+    return scale
+
+
 def check_inputs(images, masks, sigmas, degree, origins=None, grid_shape=None):
     """Validate ``images``, ``masks``, ``sigmas`` and ``degree``.
 
@@ -203,6 +423,11 @@ def check_inputs(images, masks, sigmas, degree, origins=None, grid_shape=None):
     shape = imgs[0].shape
     if len(shape) == 0:
         raise ValueError("images[0] is a scalar: images must be arrays with ndim >= 1.")
+    if origins is None and 0 in shape:
+        raise ValueError(
+            f"images[0] has shape {shape}, with an axis of length 0: every axis of the "
+            "images needs at least one pixel."
+        )
     for k, im in enumerate(imgs):
         if origins is None and im.shape != shape:
             raise ValueError(
@@ -224,6 +449,12 @@ def check_inputs(images, masks, sigmas, degree, origins=None, grid_shape=None):
         orgs = [(0,) * len(shape)] * n
     else:
         orgs, shape = check_origins(origins, grid_shape, [im.shape for im in imgs])
+        if 0 in shape:
+            raise ValueError(
+                f"the cutouts (images placed at origins) span a grid of shape {shape}, "
+                "with an axis of length 0: give 'grid_shape' or cutouts with at least "
+                "one pixel along every axis."
+            )
 
     if masks is None:
         msk = [None] * n
@@ -276,12 +507,21 @@ def check_inputs(images, masks, sigmas, degree, origins=None, grid_shape=None):
                 else:
                     sig.append(arr)
 
+    degs = check_degree(degree, len(shape))
+    check_size(degs, [im.size for im in imgs])
+    unusable = {}
+    if has_sigmas:  # scalars only here: arrays are checked while they are summed
+        unusable = {k: sigma_unusable(k, s, None) for k, s in enumerate(sig)
+                    if isinstance(s, float)}
+        unusable = {k: v for k, v in unusable.items() if v}
+    imgs = _exact_integers(imgs, msk)
     return Problem(
         images=imgs,
         masks=msk,
         sigmas=sig,
         has_sigmas=has_sigmas,
         shape=shape,
-        degree=check_degree(degree, len(shape)),
+        degree=degs,
         origins=orgs,
+        unusable=unusable,
     )

@@ -13,8 +13,13 @@ Conventions (shared with wiimatch 0.3.2):
 Internally the engine works in *scaled* coordinates ``u = (X - shift) / scale``
 (one shift and scale per axis) where the monomials are well conditioned; this
 module converts moment sums and coefficients between the scaled basis and the
-documented (unscaled) basis exactly.
+documented (unscaled) basis. Coefficients are converted in exact rational
+arithmetic and rounded once, so each documented coefficient is the float64
+nearest to the exact value; whether float64 coefficients in the documented
+basis can represent the polynomial at all (they cannot when the center is far
+from the grid) is checked by :func:`basis_loss`.
 """
+from fractions import Fraction
 from math import comb
 
 import numpy as np
@@ -26,6 +31,7 @@ __all__ = [
     "coef_from_scaled",
     "moments_to_basis",
     "basis_change_1d",
+    "basis_loss",
 ]
 
 
@@ -142,8 +148,26 @@ def _apply_per_axis(arr, mats):
     return arr
 
 
+def _exact_inverse_change_1d(degree, shift, scale):
+    """:func:`_inverse_change_1d` in exact rational arithmetic (object array of Fraction)."""
+    n = int(degree) + 1
+    s, h = Fraction(float(shift)), Fraction(float(scale))
+    t = np.full((n, n), Fraction(0), dtype=object)
+    for k in range(n):
+        hk = h**k
+        for i in range(k + 1):
+            t[i, k] = comb(k, i) * (-s) ** (k - i) / hk
+    return t
+
+
 def coef_from_scaled(coef_u, degree, shift, scale):
     """Convert coefficients from the scaled basis ``u`` to the documented basis ``X``.
+
+    The change of basis is done in exact rational arithmetic (the float64
+    ``coef_u``, ``shift`` and ``scale`` are exact rationals) and each result
+    is rounded once: the returned coefficients are the float64 numbers
+    nearest to the exact ones. (Whether those can represent the polynomial
+    over the grid is another matter: see :func:`basis_loss`.)
 
     Parameters
     ----------
@@ -156,11 +180,67 @@ def coef_from_scaled(coef_u, degree, shift, scale):
     -------
     numpy.ndarray
         Shape ``(N, M)``: the same polynomials written in monomials of ``X``.
+
+    Examples
+    --------
+    >>> coef_from_scaled([[1.0, 2.0]], (1,), (10.0,), (0.5,))  # 1 + 2 (X - 10) / 0.5
+    array([[-39.,   4.]])
     """
-    shape = tuple(d + 1 for d in degree)
-    mats = [_inverse_change_1d(d, s0, s1) for d, s0, s1 in zip(degree, shift, scale)]
+    shape = tuple(int(d) + 1 for d in degree)
     c = np.asarray(coef_u, dtype=float).reshape((-1,) + shape)
-    return _apply_per_axis(c, mats).reshape(c.shape[0], -1)
+    if not np.all(np.isfinite(c)):
+        mats = [_inverse_change_1d(d, s0, s1) for d, s0, s1 in zip(degree, shift, scale)]
+        return _apply_per_axis(c, mats).reshape(c.shape[0], -1)
+    mats = [_exact_inverse_change_1d(d, s0, s1) for d, s0, s1 in zip(degree, shift, scale)]
+    exact = np.array([Fraction(v) for v in c.ravel().tolist()], dtype=object)
+    exact = _apply_per_axis(exact.reshape(c.shape), mats)
+    return np.array([float(v) for v in exact.ravel().tolist()]).reshape(c.shape[0], -1)
+
+
+def _monomials(coords, degree):
+    """``(npoints, M)`` monomials of ``coords`` (one 1-D array per axis), flat term order."""
+    e = exponents(degree)
+    cols = np.ones((coords[0].size, e.shape[0]))
+    for j, x in enumerate(coords):
+        cols *= np.asarray(x, dtype=float)[:, None] ** e[None, :, j]
+    return cols
+
+
+def basis_loss(coef_u, coef_x, degree, shift, scale, samples):
+    """How far the documented-basis coefficients are from the fit, over sample points.
+
+    Evaluates (in float64, as a user would) the polynomials ``coef_x`` in the
+    documented coordinates ``X`` and ``coef_u`` in the scaled ones ``u`` at
+    the same points, and compares.
+
+    Parameters
+    ----------
+    coef_u, coef_x : numpy.ndarray
+        ``(N, M)`` coefficients of the same polynomials in ``u`` and in ``X``.
+    degree, shift, scale : sequence
+        As in :func:`coef_from_scaled`.
+    samples : sequence of numpy.ndarray
+        Coordinates ``X`` of sample points of the grid, one 1-D array per axis.
+
+    Returns
+    -------
+    loss : float
+        Largest difference between the two evaluations (over images and points).
+    spread : float
+        Largest range (max - min) of a fitted polynomial over the points.
+    level : float
+        Largest absolute value of a fitted polynomial over the points.
+    """
+    coef_u = np.asarray(coef_u, dtype=float)
+    if coef_u.size == 0 or samples[0].size == 0:
+        return 0.0, 0.0, 0.0
+    u = [(np.asarray(x, dtype=float) - s0) / s1 for x, s0, s1 in zip(samples, shift, scale)]
+    fit = coef_u @ _monomials(u, degree).T
+    with np.errstate(over="ignore", invalid="ignore"):
+        got = np.asarray(coef_x, dtype=float) @ _monomials(samples, degree).T
+        diff = np.abs(got - fit)
+    loss = float(np.max(np.where(np.isnan(diff), np.inf, diff)))
+    return loss, float(np.max(np.ptp(fit, axis=1))), float(np.max(np.abs(fit)))
 
 
 def coef_to_scaled(coef_x, degree, shift, scale):

@@ -11,9 +11,15 @@ connected group of the overlap graph at a time:
 * the group's coefficients are then shifted so that, for every term, their
   sum over the group's images is zero (the normalisation of wiimatch 0.3.2).
 
-Images that overlap no other image get zeros; terms the data do not determine
-(an overlap that is a line, say) get the minimum-norm value; every such case
-is reported with a :class:`MatchWarning` naming the images and terms.
+Images that overlap no other image get zeros. When the overlaps do not
+determine some terms (an overlap that is a line, say), the solution is not
+unique; of the least-squares solutions we return the one in which a set of
+those terms, highest total degree first, is exactly zero (in the scaled basis
+the engine solves in, and therefore in the documented basis too, see
+:func:`_zero_free_terms`): a value the data carry no information on is not
+made up. (wiimatch 0.3.2 gave NaN, or the minimum-norm solution, whose free
+terms can be as large as the determined ones.) Every such case is reported
+with a :class:`MatchWarning` naming the images and terms.
 """
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +28,7 @@ import numpy as np
 from scipy import linalg
 from scipy.sparse.csgraph import connected_components
 
+from .inputs import MatchWarning
 from .poly import exponents, term_name
 
 __all__ = ["MatchWarning", "SolveInfo", "assemble", "solve_system"]
@@ -35,10 +42,11 @@ EQUILIBRATE_MIN = 1e-8
 # Squared weight of a coefficient in the null space above which it is
 # reported as undetermined.
 NULL_WEIGHT_MIN = 1e-6
-
-
-class MatchWarning(UserWarning):
-    """Something about the inputs that the result depends on (see the message)."""
+# A term is chosen to be set to zero only when its weight in the remaining
+# free directions is at least this fraction of the largest weight of any
+# term: higher-degree terms are preferred, but not at the price of a badly
+# conditioned choice.
+PICK_MIN = 0.25
 
 
 @dataclass
@@ -105,7 +113,12 @@ def _components(a, nimages, nterms):
 
 
 def _solve_reduced(mat, rhs, method, tol):
-    """Solve a symmetric positive (semi-)definite system; return (x, null-space weights)."""
+    """Solve a symmetric positive (semi-)definite system.
+
+    Returns ``(x, null, d)``: a least-squares solution, the directions of
+    the (numerical) null space as columns (None when there is none) and
+    the equilibration factors (the system was solved for ``d * x``).
+    """
     d = np.sqrt(np.abs(np.diag(mat)))
     top = np.max(d[np.isfinite(d)], initial=0.0)
     # a term whose diagonal is at the rounding level of the largest has no
@@ -121,18 +134,102 @@ def _solve_reduced(mat, rhs, method, tol):
         rc, info = linalg.lapack.dgecon(lu, np.linalg.norm(ms, 1), norm="1")
         if info == 0 and rc > RLU_RCOND_MIN and np.all(np.isfinite(lu)):
             x = linalg.lu_solve((lu, piv), bs, check_finite=False)
-            return x / d, None
+            return x / d, None, d
         tol = RLU_RCOND_MIN
     ev, vec = linalg.eigh(ms, check_finite=False)
     top = max(abs(ev[-1]), np.finfo(float).tiny)
     keep = ev > tol * top
     vk = vec[:, keep]
     x = vk @ ((vk.T @ bs) / ev[keep])
-    null = (vec[:, ~keep] ** 2).sum(axis=1)
-    return x / d, null
+    null = vec[:, ~keep]
+    return x / d, (null / d[:, None] if null.shape[1] else None), d
 
 
-def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=None):
+def _pick_rows(q, priority):
+    """Greedy choice of ``k = q.shape[1]`` rows of ``q`` that form a regular matrix.
+
+    Pivoted Gram-Schmidt on the rows, taking at each step, among the rows
+    whose remaining norm is at least ``PICK_MIN`` times the largest, one of
+    the highest ``priority`` (the largest norm among those).
+    """
+    res = np.array(q, dtype=float)
+    sel = []
+    for _ in range(q.shape[1]):
+        norms = np.sqrt(np.einsum("ij,ij->i", res, res))
+        norms[sel] = 0.0
+        best = norms.max()
+        if not best > 0:
+            break
+        cand = np.flatnonzero(norms >= PICK_MIN * best)
+        cand = cand[priority[cand] == priority[cand].max()]
+        j = int(cand[np.argmax(norms[cand])])
+        sel.append(j)
+        v = res[j] / norms[j]
+        res -= np.outer(res @ v, v)
+    return sel
+
+
+def _zero_free_terms(sub, null, d, priority):
+    """Among the least-squares solutions of a group, one with free terms set to 0.
+
+    Parameters
+    ----------
+    sub : numpy.ndarray, shape (G, M)
+        A least-squares solution of the group, normalised to a zero sum of
+        every term over the group's images.
+    null : numpy.ndarray, shape ((G - 1) M, k)
+        Directions of the null space of the reduced system (first image held
+        at zero) in which ``sub`` is free.
+    d : numpy.ndarray, shape ((G - 1) M,)
+        Equilibration factors of the reduced system (used to weigh terms
+        when choosing which to set to zero).
+    priority : numpy.ndarray, shape (M,)
+        Preference of each term (its total degree): higher first.
+
+    Returns
+    -------
+    sub : numpy.ndarray
+        The solution ``sub + Z t`` (``Z``: the free directions, normalised to
+        a zero sum like ``sub``) in which ``k`` terms chosen by
+        :func:`_pick_rows` are exactly zero: still a least-squares solution
+        with the same normalisation, as ``Z`` is in the null space.
+    zeroed : list of (int, int)
+        ``(image within group, term)`` of every free term that is now 0.
+
+    Setting the highest-degree free terms to zero first keeps the choice
+    independent of the coordinates' shift: a polynomial whose terms of an
+    upper set of exponents are 0 has the same terms 0 about any center.
+    """
+    g, m = sub.shape
+    k = null.shape[1]
+    z = np.zeros((g, m, k))
+    z[1:] = null.reshape(g - 1, m, k)
+    z -= z.mean(axis=0)
+    z = z.reshape(g * m, k)
+    # weigh each term like the equilibrated system does, to choose the rows
+    w = np.tile(d.reshape(g - 1, m).max(axis=0), g)
+    q, _ = np.linalg.qr(z * w[:, None])
+    sel = _pick_rows(q, np.tile(np.asarray(priority), g))
+    flat = sub.ravel().copy()
+    if sel:
+        t = linalg.solve(z[sel], flat[sel], check_finite=False)
+        shift = z @ t
+        flat -= shift
+        flat[sel] = 0.0
+        scale = np.max(np.abs(sub), initial=0.0) + np.max(np.abs(shift), initial=0.0)
+    else:
+        scale = np.max(np.abs(sub), initial=0.0)
+    # other free terms that the choice made 0 (e.g. the last image's, by the
+    # zero sum) are 0 up to rounding: make them exactly 0 and report them
+    free = np.einsum("ij,ij->i", q, q) > NULL_WEIGHT_MIN
+    tiny = free & (np.abs(flat) <= 64 * np.finfo(float).eps * scale)
+    flat[tiny] = 0.0
+    zeroed = sorted(set(sel) | set(np.flatnonzero(tiny).tolist()))
+    return flat.reshape(g, m), [divmod(int(r), m) for r in zeroed]
+
+
+def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=None,
+                 reasons=None):
     """Solve the normal equations group by group (see the module docstring).
 
     Parameters
@@ -147,7 +244,11 @@ def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=N
     image_ids : sequence, None
         Names used for images in warnings (default: their indices).
     degree : tuple of int, None
-        Polynomial degree, used to name terms in warnings.
+        Polynomial degree, used to name terms in warnings and to prefer
+        setting the highest-degree free terms to zero.
+    reasons : dict, None
+        ``{image: text}``: why an image has no usable pixel (e.g. its
+        sigmas), said in the warning about images that overlap nothing.
 
     Returns
     -------
@@ -173,39 +274,46 @@ def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=N
     info.components = _components(a, n, nterms) if n > 1 else [[0]]
     if degree is not None and int(np.prod([d + 1 for d in degree])) == nterms:
         terms = [tuple(int(v) for v in p) for p in exponents(degree)]
+        priority = np.array([sum(p) for p in terms])
     else:
+        # without the degree, the flat index: the last term is the highest
         terms = list(range(nterms))
+        priority = np.arange(nterms)
 
     for comp in info.components:
         if len(comp) == 1:
             info.isolated.append(comp[0])
             continue
         rows = np.concatenate([np.arange(i * nterms, (i + 1) * nterms) for i in comp[1:]])
-        x, null = _solve_reduced(a[np.ix_(rows, rows)], b[rows], method, tol)
+        x, null, d = _solve_reduced(a[np.ix_(rows, rows)], b[rows], method, tol)
         sub = np.zeros((len(comp), nterms))
         sub[1:] = x.reshape(len(comp) - 1, nterms)
         sub -= sub.mean(axis=0)
-        coef[comp] = sub
         if null is not None:
-            flagged = (null > NULL_WEIGHT_MIN).reshape(len(comp) - 1, nterms)
-            # a term free for every other image of the group is free for the
-            # group's first image too (it was only held at zero to solve)
-            first = flagged.all(axis=0)
-            for row, img in zip(np.vstack([first, flagged]), comp):
-                info.undetermined.extend((img, terms[t]) for t in np.flatnonzero(row))
+            sub, zeroed = _zero_free_terms(sub, null, d, priority)
+            info.undetermined.extend((comp[i], terms[t]) for i, t in zeroed)
+        coef[comp] = sub
 
-    _warn(info, n, ids)
+    info.undetermined.sort()
+    _warn(info, n, ids, reasons or {})
     return coef, info
 
 
-def _warn(info, n, ids):
+def _warn(info, n, ids, reasons):
     if n == 1:
         warnings.warn(
             "only one image was given: there is nothing to match it to, its "
             "background coefficients are 0.", MatchWarning, stacklevel=4)
         return
-    if info.isolated:
-        names = ", ".join(str(ids[i]) for i in info.isolated)
+    explained = [i for i in info.isolated if i in reasons]
+    if explained:
+        desc = "; ".join(f"image {ids[i]} ({reasons[i]})" for i in explained)
+        warnings.warn(
+            f"no pixel can be used in: {desc}; their background coefficients cannot "
+            "be determined and are set to 0.", MatchWarning, stacklevel=4)
+    others = [i for i in info.isolated if i not in reasons]
+    if others:
+        names = ", ".join(str(ids[i]) for i in others)
         warnings.warn(
             f"image(s) {names} have no valid pixels in common with any other image: "
             "their background coefficients cannot be determined and are set to 0.",
@@ -224,6 +332,7 @@ def _warn(info, n, ids):
                 term_name(p) if isinstance(p, tuple) else f"term {p}")
         desc = "; ".join(f"image {ids[i]}: " + ", ".join(ps) for i, ps in by_image.items())
         warnings.warn(
-            "the overlaps do not determine some coefficients (the system is singular "
-            f"for them); they were given minimum-norm values: {desc}.",
+            "the overlaps carry no information on some coefficients (the system is "
+            "singular for them), so they were set to 0 (of the least-squares "
+            f"solutions, the one with these terms 0): {desc}.",
             MatchWarning, stacklevel=4)
