@@ -215,7 +215,7 @@ def compare(info, folder):
     recs, masks, bkgs, status = [], [], [], []
     wcs_model = None
     for f in info["files"]:
-        out = os.path.join(folder, f.replace(".fits", "_wiimatch.fits"))
+        out = os.path.join(folder, f.replace("_i2d.fits", "_wiimatch.fits"))
         with datamodels.open(out) as m:
             status.append(m.meta.cal_step.instance.get("wiimatch"))
             entries = m.meta.background.polynomial_info

@@ -24,7 +24,7 @@ from .core.inputs import check_solver
 from .matching import apply_outcomes, default_threads, map_models, match_models
 from .models import WiiMatchLibrary, check_association
 from .models.library import SavedLibrary, member_file, outputs_association
-from .models.outputs import OutputSet, save_atomically
+from .models.outputs import OutputSet, remove_known_suffix, save_atomically
 
 __all__ = ["WiiMatchStep"]
 
@@ -58,7 +58,7 @@ class WiiMatchStep(Step):
     scheduler = string(default=None)  # address of a dask.distributed scheduler (e.g. tcp://host:8786): models kept in files are read and reduced, and the pair sums accumulated, as tasks on its workers (needs the dask extra)
     in_memory = boolean(default=True)  # False: keep models on disk (temporary files) and never hold all models in memory at once
     output_ext = string(default='.fits')  # file name extension of saved outputs
-    output_use_model = boolean(default=True)  # name outputs after each member: <member base>_wiimatch.fits
+    output_use_model = boolean(default=True)  # name outputs after each member, its known suffix replaced: x_i2d.fits -> x_wiimatch.fits (output_file, when set, names them instead: <output_file>_<k>_wiimatch.fits)
     """  # noqa: E501
 
     # this step uses no reference files and never contacts CRDS
@@ -92,8 +92,15 @@ class WiiMatchStep(Step):
         return datamodels.open(init, **kwargs)
 
     def default_suffix(self):
-        """Suffix of output files: ``wiimatch``."""
+        """Suffix of output files: ``wiimatch``, or the step's name inside a pipeline."""
+        if self.parent is not None and self.name:
+            return self.name
         return _SUFFIX
+
+    @staticmethod
+    def remove_suffix(name):
+        """Remove a known JWST product or step suffix (``x_cal`` -> ``x``), as jwst does."""
+        return remove_known_suffix(name)
 
     # ------------------------------------------------------------------
     def process(self, input_data):
@@ -210,7 +217,7 @@ class WiiMatchStep(Step):
         else:
             names = list(library.map_function(
                 lambda model, index: model.meta.filename, modify=False))
-        if self.output_use_model:
+        if self.output_use_model and not self.output_file:
             paths = [self.make_output_path(basepath=name) for name in names]
         else:
             paths = [self.make_output_path(basepath=self.output_file,
@@ -249,12 +256,20 @@ class WiiMatchStep(Step):
             output_file = self.output_file
         if not force and not self.save_results and not output_file:
             return None
-        if self.output_use_model or (output_file is None and not self.search_output_file):
+        if (self.output_use_model and not output_file) or (
+                output_file is None and not self.search_output_file):
             output_file = model.meta.filename
             idx = None
         path = self.make_output_path(basepath=output_file, suffix=suffix, idx=idx,
                                      **components)
-        return save_atomically(model, path)
+        name = model.meta.filename
+        try:
+            return save_atomically(model, path)
+        finally:
+            if self.parent is not None:
+                # later steps of the pipeline name their products after the
+                # exposure, not after this intermediate file
+                model.meta.filename = name
 
     # ------------------------------------------------------------------
     def _prepare(self, data, standalone, scratch=None):

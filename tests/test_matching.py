@@ -136,7 +136,7 @@ def test_standalone_run_saves_each_output_once_done(tmp_path):
                             output_dir=str(out_dir))
     mem = WiiMatchStep.call(asn, degree=1, subtract=True)
     names = sorted(os.listdir(out_dir))
-    assert names == sorted(m.meta.filename.replace(".fits", "_wiimatch.fits")
+    assert names == sorted(m.meta.filename.replace("_i2d.fits", "_wiimatch.fits")
                            for m in models)
     with lib, mem:
         for k in range(len(lib)):

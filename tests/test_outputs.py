@@ -63,7 +63,7 @@ def asn_run(tmp_path):
 
 def outputs_of(src, out):
     names = sorted(n for n in os.listdir(src) if n.endswith(".fits"))
-    return [out / n.replace(".fits", "_wiimatch.fits") for n in names]
+    return [out / n.replace("_i2d.fits", "_wiimatch.fits") for n in names]
 
 
 def test_outputs_written_and_nothing_else(asn_run):
@@ -212,8 +212,8 @@ def test_list_and_single_model_saves_are_atomic(tmp_path, monkeypatch):
     WiiMatchStep.call(models, save_results=True)
     WiiMatchStep.call(models[0], save_results=True, output_file="single")
     names = sorted(os.listdir(tmp_path))
-    assert names == ["exp1_i2d_wiimatch.fits", "exp2_i2d_wiimatch.fits",
-                     "exp3_i2d_wiimatch.fits"]
+    assert names == ["exp1_wiimatch.fits", "exp2_wiimatch.fits", "exp3_wiimatch.fits",
+                     "single_wiimatch.fits"]
     assert len(seen) == 4 and all(STAGING_PREFIX in p for p in seen)
 
 
@@ -236,8 +236,7 @@ def test_save_model_with_post_hook_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ImageModel, "save", spy)
     step.run(models)
-    assert sorted(os.listdir(tmp_path)) == ["exp1_i2d_wiimatch.fits",
-                                            "exp2_i2d_wiimatch.fits"]
+    assert sorted(os.listdir(tmp_path)) == ["exp1_wiimatch.fits", "exp2_wiimatch.fits"]
     assert seen and all(STAGING_PREFIX in p for p in seen)
 
 
@@ -422,3 +421,14 @@ def test_terminated_run_cleans_up(asn_run, tmp_path):
 def test_call_on_array_says_what_is_accepted():
     with pytest.raises(TypeError, match="cannot use a ndarray as input: give an association"):
         WiiMatchStep.call(np.zeros((3, 10, 10)))
+
+
+@pytest.mark.parametrize("name, root", [
+    ("jw01_nrca1_cal", "jw01_nrca1"), ("x_i2d", "x"), ("x_s3d", "x"),
+    ("x_a3001_crf", "x_a3001"), ("x_wiimatch", "x"), ("x-skymatch", "x"),
+    ("x_CAL", "x"), ("x", "x"), ("cal", "cal"), ("x_calx", "x_calx"),
+    ("my_rate_data", "my_rate_data")])
+def test_known_suffix_removed(name, root):
+    from jwst_wiimatch.models.outputs import remove_known_suffix
+
+    assert remove_known_suffix(name)[0] == root

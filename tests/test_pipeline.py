@@ -183,16 +183,17 @@ def test_hook_on_resampled_singles(field, tmp_path, how):
 # ----------------------------------------------------------------------
 # 2. wiimatch in place of skymatch: WiiMatchImage3Pipeline
 # ----------------------------------------------------------------------
-def check_sky_slot_outputs(field, out, degree=(1, 1), subtracted=True):
-    """Checks on the saved skymatch-slot outputs; returns their paths."""
-    files = sorted(glob.glob(os.path.join(out, "*_cal_wiimatch.fits")))
+def check_sky_slot_outputs(field, out, degree=(1, 1), subtracted=True, suffix="skymatch"):
+    """Checks on the saved skymatch-slot outputs (``x_cal.fits`` saved as
+    ``x_<suffix>.fits``: the step's name in the pipeline); returns their paths."""
+    files = sorted(glob.glob(os.path.join(out, f"*_{suffix}.fits")))
     assert len(files) == 4
     folder = os.path.dirname(field)
     entries, ras, decs = [], [], []
     for k, path in enumerate(files):
         m = open_model(path)
         raw = open_model(os.path.join(folder, os.path.basename(path).replace(
-            "_cal_wiimatch", "_cal")))
+            f"_{suffix}", "_cal")))
         assert m.meta.cal_step.wiimatch == "COMPLETE"
         assert m.meta.background.method == "wiimatch"
         assert m.meta.background.subtracted is subtracted
@@ -230,11 +231,28 @@ def test_sky_slot_config_file_and_cmdline_parameters(field, tmp_path):
     run_cmdline([config_path("calwebb_image3_wiimatch.asdf"), field, *SKIP_ARGS,
                  "--steps.skymatch.save_results=true", "--steps.skymatch.degree=0",
                  "--steps.skymatch.subtract=false", f"--output_dir={out2}"])
-    for path in glob.glob(os.path.join(out2, "*_cal_wiimatch.fits")):
+    for path in glob.glob(os.path.join(out2, "*_skymatch.fits")):
         m = open_model(path)
         assert m.meta.wiimatch.instance["degree"] == [0, 0]
         assert m.meta.background.subtracted is False
         assert len(entry_of(m)["coefficients"]) == 1
+
+
+def test_later_products_keep_jwst_names(field, tmp_path):
+    """Saving the skymatch slot's outputs does not rename what later steps write:
+    x_cal.fits -> x_skymatch.fits and x_a3001_crf.fits, as with jwst's skymatch."""
+    out = str(tmp_path)
+    run_cmdline(["calwebb_image3_wiimatch", field, "--steps.tweakreg.skip=true",
+                 "--steps.source_catalog.skip=true", "--steps.skymatch.save_results=true",
+                 f"--output_dir={out}"])
+    raw = sorted(os.path.basename(p)[: -len("_cal.fits")]
+                 for p in glob.glob(os.path.join(os.path.dirname(field), "*_cal.fits")))
+    names = sorted(os.listdir(out))
+    assert [n for n in names if n.endswith("_skymatch.fits")] == [
+        f"{r}_skymatch.fits" for r in raw]
+    crf = [n for n in names if n.endswith("_crf.fits")]
+    assert len(crf) == len(raw) and all(n.split("_a")[0] in raw for n in crf), names
+    assert not [n for n in names if "wiimatch" in n or "_cal_" in n], names
 
 
 def test_seams_wiimatch_vs_skymatch(field, flat_field, tmp_path):
@@ -351,7 +369,7 @@ def test_sky_step_exposure_groups(tmp_path, caplog):
 
 def test_sky_step_standalone_inputs(field, tmp_path):
     """A list of cal models is left unchanged; strun of the step's class path
-    on an association saves <member>_wiimatch.fits."""
+    on an association saves <member root>_wiimatch.fits."""
     from jwst_wiimatch.pipeline import WiiMatchSkyStep
 
     raw = sorted(glob.glob(os.path.join(os.path.dirname(field), "*_cal.fits")))
@@ -369,7 +387,7 @@ def test_sky_step_standalone_inputs(field, tmp_path):
             lib.shelve(m, k, modify=False)
 
     run_cmdline(["jwst_wiimatch.pipeline.WiiMatchSkyStep", field, f"--output_dir={tmp_path}"])
-    check_sky_slot_outputs(field, str(tmp_path))
+    check_sky_slot_outputs(field, str(tmp_path), suffix="wiimatch")
 
 
 @pytest.mark.parametrize("binning", [1, 8])

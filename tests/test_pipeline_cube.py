@@ -38,7 +38,7 @@ def test_cube_recipe_from_command_line(tmp_path, monkeypatch):
 
     matched = []
     for m in models:
-        path = out / m.meta.filename.replace("_s3d.fits", "_s3d_wiimatch.fits")
+        path = out / m.meta.filename.replace("_s3d.fits", "_wiimatch.fits")
         assert path.is_file(), sorted(os.listdir(out))
         matched.append(datamodels.open(str(path)))
     check_recovery(models, matched, truths, ref)

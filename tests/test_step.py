@@ -275,25 +275,30 @@ def test_output_names_and_inputs_untouched(tmp_path):
     WiiMatchStep.call(asn, degree=1, subtract=True, save_results=True,
                       output_dir=str(tmp_path / "out"))
     produced = sorted(os.listdir(tmp_path / "out"))
-    assert produced == [f.replace(".fits", "_wiimatch.fits") for f in files]
+    assert produced == [f.replace("_i2d.fits", "_wiimatch.fits") for f in files]
     for f in files:
         assert (tmp_path / f).read_bytes() == before[f]
 
 
 def test_rerun_on_outputs_never_overwrites_them(tmp_path):
+    """x_wiimatch.fits matched again would be written to x_wiimatch.fits (the known
+    suffix is replaced, as jwst does): refused, naming the file; elsewhere it runs."""
     models, _, _ = h.make_models(n=3, degree=1)
     asn = h.write_asn(models, tmp_path)
     WiiMatchStep.call(asn, save_results=True, output_dir=str(tmp_path))
     outs = sorted(p.name for p in tmp_path.glob("*_wiimatch.fits"))
-    assert len(outs) == 3
+    assert outs == ["exp1_wiimatch.fits", "exp2_wiimatch.fits", "exp3_wiimatch.fits"]
     before = {f: (tmp_path / f).read_bytes() for f in outs}
     asn2 = tmp_path / "asn2.json"
     asn2.write_text(json.dumps({"products": [{"members": [
         {"expname": f, "exptype": "science"} for f in outs]}]}))
-    WiiMatchStep.call(str(asn2), save_results=True, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="exp1_wiimatch.fits is an input file"):
+        WiiMatchStep.call(str(asn2), save_results=True, output_dir=str(tmp_path))
     for f in outs:
         assert (tmp_path / f).read_bytes() == before[f]
-        assert (tmp_path / f.replace(".fits", "_wiimatch.fits")).exists()
+    (tmp_path / "again").mkdir()
+    WiiMatchStep.call(str(asn2), save_results=True, output_dir=str(tmp_path / "again"))
+    assert sorted(os.listdir(tmp_path / "again")) == outs
 
 
 def test_progress_logged_for_many_models(caplog):

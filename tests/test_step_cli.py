@@ -45,21 +45,21 @@ def _run_and_check(tmp_path, step_name):
     assert "wiimatch summary" in log
     for name, data in inputs.items():
         assert (tmp_path / name).read_bytes() == data
-        out = tmp_path / name.replace(".fits", "_wiimatch.fits")
+        out = tmp_path / name.replace("_i2d.fits", "_wiimatch.fits")
         with datamodels.open(out) as m:
             assert m.meta.cal_step.wiimatch == "COMPLETE"
             assert m.meta.background.subtracted is True
     first = {}
     for name in inputs:
-        with datamodels.open(tmp_path / name.replace(".fits", "_wiimatch.fits")) as m:
+        with datamodels.open(tmp_path / name.replace("_i2d.fits", "_wiimatch.fits")) as m:
             first[name] = np.array(m.data)
-        os.remove(tmp_path / name.replace(".fits", "_wiimatch.fits"))
+        os.remove(tmp_path / name.replace("_i2d.fits", "_wiimatch.fits"))
     # the saved parameter file runs again and gives the same result
     assert (tmp_path / "wiimatch.asdf").exists()
     res = _strun(["wiimatch.asdf", "asn.json"], tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     for name in inputs:
-        with datamodels.open(tmp_path / name.replace(".fits", "_wiimatch.fits")) as m:
+        with datamodels.open(tmp_path / name.replace("_i2d.fits", "_wiimatch.fits")) as m:
             assert m.meta.background.subtracted is True
             np.testing.assert_allclose(m.data, first[name])
 

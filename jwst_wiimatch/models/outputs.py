@@ -26,7 +26,8 @@ import time
 import uuid
 import warnings
 
-__all__ = ["OutputSet", "OutputWarning", "STAGING_PREFIX", "save_atomically"]
+__all__ = ["OutputSet", "OutputWarning", "STAGING_PREFIX", "KNOWN_SUFFIXES",
+           "remove_known_suffix", "save_atomically"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,32 @@ log = logging.getLogger(__name__)
 #: they are renamed onto their final paths.
 STAGING_PREFIX = ".wiimatch-staging-"
 _OWNER = "owner.json"
+
+
+#: File name suffixes of JWST products and of the steps that write them, which
+#: output names replace (as jwst does: ``x_cal.fits`` -> ``x_wiimatch.fits``).
+KNOWN_SUFFIXES = frozenset("""
+    uncal ramp rate rateints trapsfilled cal calints bsub bsubints mbsub crf crfints
+    i2d s2d s3d x1d x1dints c1d cat segm median blot psfalign psfstack psfsub
+    assign_wcs flat_field photom resample resample_spec skymatch tweakreg
+    outlier_detection cube_build master_background bkg_subtract
+    wiimatch wiimatch_sky
+""".split())
+
+
+def remove_known_suffix(name):
+    """Split ``name`` (no extension) into (root, separator) when it ends in a known suffix.
+
+    ``'jw01_nrca1_cal'`` gives ``('jw01_nrca1', '_')``; a name without a
+    known suffix is returned whole, with ``'_'`` (the signature of
+    `stpipe.Step.remove_suffix`).
+    """
+    for sep in ("_", "-"):
+        for suffix in sorted(KNOWN_SUFFIXES, key=len, reverse=True):
+            tail = sep + suffix
+            if name.lower().endswith(tail) and len(name) > len(tail):
+                return name[: -len(tail)], sep
+    return name, "_"
 
 
 class OutputWarning(UserWarning):
