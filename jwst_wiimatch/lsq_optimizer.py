@@ -57,7 +57,10 @@ def rlu_solve(matrix, free_term, nimages):
     group's first image are held at zero, the rest of the (equilibrated)
     system is LU-solved, and the group's coefficients are shifted so that each
     coefficient sums to zero over the group. Rank-deficient groups fall back
-    to a minimum-norm solution; isolated images get zeros; both are warned.
+    to the eigen-decomposition, and the terms the system leaves free are set
+    to zero (the last terms of the flat order first: without the degree, the
+    flat index stands for the order); isolated images get zeros; both are
+    warned.
 
     Parameters
     ----------
@@ -81,7 +84,9 @@ def pinv_solve(matrix, free_term, nimages, tol=None):
     """Solve the normal equations with a pseudo-inverse.
 
     Works group by group like :func:`rlu_solve`, with a pseudo-inverse of
-    each group's equilibrated reduced system in place of the LU solution.
+    each group's equilibrated reduced system in place of the LU solution;
+    terms the system leaves free are set to zero as in :func:`rlu_solve`
+    (not given their minimum-norm values, as wiimatch 0.3.2 did).
 
     Parameters
     ----------

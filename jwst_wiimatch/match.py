@@ -30,26 +30,35 @@ def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
     Parameters
     ----------
     images : list of array_like
-        Images (1-D, 2-D, 3-D, ...) on one common pixel grid: all of one shape.
-        Any real dtype; sums are accumulated in float64.
+        Images (1-D, 2-D, 3-D, ...) on one common pixel grid: all of one shape,
+        at least one pixel along every axis. Any real dtype; sums are
+        accumulated in float64 (64-bit integer images all within ``2**53`` of
+        each other are kept exact by a common offset).
     masks : list of array_like or None, None, optional
         One per image; nonzero elements mark valid pixels; a ``None`` entry
         means every pixel of that image is valid. ``None``: all valid.
     sigmas : list of array_like or float, None, optional
         One uncertainty array (or number) per image. Pixels whose sigma is
-        ``<= 0`` are not used. ``None``: equal weights.
+        ``<= 0`` are not used. ``None``: equal weights. Only the ratios of the
+        sigmas matter: sigmas too small or large for their squares
+        (``1e-200``) are divided by a common factor.
     degree : int or sequence of int, optional
         Polynomial degree per coordinate, in ``(x, y, ...)`` order (``x`` is
-        the last numpy axis); an int applies to every coordinate.
+        the last numpy axis); an int applies to every coordinate. A degree
+        whose terms (``N * prod(D_j + 1)``) outnumber the pixels, or whose
+        normal equations would not fit in memory, is refused (``ValueError``).
     center : sequence of float, float, None, optional
         Origin of the polynomial coordinates in ``(x, y, ...)`` order;
         ``None``: the middle of the grid, ``shape[::-1][j] // 2``, converted
-        to world coordinates when ``image2world`` is given.
+        to world coordinates when ``image2world`` is given. A center far from
+        the grid makes coefficients that float64 cannot hold precisely (a
+        warning says by how much).
     image2world : callable, None, optional
         ``f(x, y, ...)`` mapping pixel coordinates (1-D arrays, ``(x, y, ...)``
         order) to world coordinates, element-wise, one array per axis. When
         given, the polynomials are in world coordinates. It may be called
-        several times, on parts of the grid.
+        several times, on parts of the grid, and always with 1-D arrays (the
+        center too is passed as arrays of one element).
     center_cs : {'image', 'world'}, optional
         Coordinate system of ``center``; ``'world'`` requires ``image2world``.
     ext_return : bool, optional
@@ -82,8 +91,11 @@ def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
     -----
     jwst_wiimatch.core.MatchWarning
         When images do not overlap (each connected group is matched on its own,
-        isolated images get zeros), when the data leave coefficients
-        undetermined, or when valid pixels hold NaN/inf (they are skipped).
+        isolated images get zeros), when an image's sigmas leave it no usable
+        pixel, when the overlaps leave coefficients undetermined (they are set
+        to 0), when valid pixels hold NaN/inf (they are skipped), when integer
+        images exceed float64's exact range, or when the coefficients about a
+        far ``center`` cannot represent the fit to float64 precision.
 
     Examples
     --------

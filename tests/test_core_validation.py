@@ -51,9 +51,7 @@ def _bad_i2w_count3(x, y):
 
 
 def _bad_i2w_shape(x, y):
-    # right for scalars (the center), wrong length for the pixel arrays
-    if np.ndim(x) == 0:
-        return (float(x), float(y))
+    # one element short, for the center (1-element arrays) and the pixels alike
     return (np.asarray(x)[:-1] + 0.0, np.asarray(y)[:-1] + 0.0)
 
 
@@ -62,6 +60,8 @@ def _i2w(x, y):
 
 
 def bad_inputs():
+    """Rows: (name, regex or tuple of regexes the message must all contain,
+    args, kw, entry points)."""
     images, masks, sigmas = good()
     cases = []
 
@@ -105,13 +105,125 @@ def bad_inputs():
         dict(image2world=_bad_i2w_count3, center=(1.0, 1.0)))
     add("i2w-shape", "image2world", (images,),
         dict(image2world=_bad_i2w_shape, degree=1))
+    # issue 10: absurd degrees are refused before any work, naming the degree,
+    # the unknowns and the pixels or the memory, and what to do
+    add("degree-more-terms-than-pixels",
+        ("'degree'", r"\(10, 10\)", "363 unknowns", "90 pixels", "Lower the degree"),
+        (images,), dict(degree=10))
+    add("degree-1e9", ("'degree'", "1000000000", "unknowns", "pixels"),
+        (images,), dict(degree=(1e9, 1e9)))
+    add("degree-1e9-one-axis", ("'degree'", "unknowns"),
+        (images,), dict(degree=(1, 10**9)))
+    add("degree-float-scalar", "'degree'", (images,), dict(degree=1e9))
+    add("degree-fraction", "'degree'", (images,), dict(degree=(1.5, 1)))
+    add("degree-nan", "'degree'", (images,), dict(degree=(float("nan"), 1)))
+    big = [np.broadcast_to(0.0, (1000, 1000))] * 2  # no memory: views of one number
+    add("degree-memory", ("'degree'", r"\(400, 400\)", "321602 unknowns", "GiB",
+                          "memory", "Lower the degree"),
+        (big,), dict(degree=400))
+    # issue 10: an axis of length 0
+    add("images-zero-length-axis", ("images", r"\(0, 6\)", "length 0"),
+        ([np.zeros((0, 6)), np.zeros((0, 6))],))
+    add("images-zero-length-axis-1d", ("images", "length 0"),
+        ([np.zeros(0), np.zeros(0)],))
+    add("cutouts-zero-length-grid", ("cutouts", "length 0"),
+        ([np.zeros((0, 3)), np.zeros((0, 3))],), dict(origins=[(0, 0), (0, 0)]),
+        entries=[via_match_backgrounds])
+    # issue 10: sigmas whose squares no common scale brings into float64
+    wide = np.ones(SHAPE)
+    wide[0, 0] = 1e-310
+    add("sigmas-range", ("'sigmas'", "1e-310", "float64", "Check the sigmas"),
+        (images, None, [wide, sigmas[1], sigmas[2]]))
     return cases
 
 
 @pytest.mark.parametrize("entry, args, kw, match", bad_inputs())
 def test_bad_input_names_argument(entry, args, kw, match):
-    with pytest.raises(ERR, match=match):
+    words = (match,) if isinstance(match, str) else match
+    with pytest.raises(ERR) as err:
         entry(*args, **kw)
+    for w in words:
+        assert re.search(w, str(err.value)), (w, str(err.value))
+
+
+def test_check_size_memory_estimate():
+    """The memory refusal uses the size of the normal equations: a machine
+    of 1 MB refuses 2 images x 16 terms only if (32 unknowns)**2 copies
+    exceed it; a 1 kB one does."""
+    core.inputs.check_size((3, 3), [1000, 1000], memory=1 << 20)
+    with pytest.raises(ValueError, match="'degree'.*32 unknowns.*memory"):
+        core.inputs.check_size((3, 3), [1000, 1000], memory=1000)
+
+
+# ------------------------------------------------------------ warnings
+def _column_pair():
+    """Two images that share one column of pixels (x = 3): their x slopes are free."""
+    a = np.zeros((4, 6))
+    m0 = np.zeros((4, 6), dtype=bool)
+    m0[:, :4] = True
+    m1 = np.zeros((4, 6), dtype=bool)
+    m1[:, 3:] = True
+    return [a, a + 3.0], [m0, m1]
+
+
+def _far_center_problem():
+    rng = np.random.default_rng(0)
+    y, x = np.indices((30, 40), dtype=float)
+    return [rng.normal(size=(30, 40)) + 0.01 * x * k for k in range(3)]
+
+
+def bad_input_warnings():
+    """Rows: (name, args, kw, regexes one MatchWarning must all contain,
+    regex no MatchWarning may match). Inputs the engine accepts, but whose
+    result depends on something the user must hear about (issue 10:
+    nothing silently wrong)."""
+    images, masks, sigmas = good()
+    zeros = np.zeros(SHAPE)
+    nans = np.full(SHAPE, np.nan)
+
+    def overlap_blamed(k):  # the old message, which blamed the overlaps
+        return rf"image\(s\) ([0-9]+, )*{k}\b.*in common with any other image"
+
+    rows = [
+        ("sigmas-all-zero", (images, None, [zeros, sigmas[1], sigmas[2]]), {},
+         (r"sigmas\[0\]", "zero, negative or non-finite", "every pixel"),
+         overlap_blamed(0)),
+        ("sigmas-all-nan-masked", (images, masks, [sigmas[0], nans, sigmas[2]]), {},
+         (r"sigmas\[1\]", "non-finite", "mask marks valid"), overlap_blamed(1)),
+        ("sigmas-negative", (images, None, [sigmas[0], sigmas[1], -sigmas[2]]), {},
+         (r"sigmas\[2\]", "negative"), overlap_blamed(2)),
+        ("sigmas-scalar-zero", (images, None, [1.0, 0.0, 1.0]), {},
+         (r"sigmas\[1\] = 0.0", "positive finite"), overlap_blamed(1)),
+        ("sigmas-scalar-inf", (images, None, [np.inf, 1.0, 1.0]), {},
+         (r"sigmas\[0\] = inf", "positive finite"), overlap_blamed(0)),
+        ("int64-beyond-2**53-with-float",
+         ([np.full(SHAPE, 2**62 + 1, dtype=np.int64), images[1]],), {},
+         (r"images\[0\]", r"2\*\*53", "rounded by up to 512"), r"images\[1\]"),
+        ("uint64-spread-beyond-2**53",
+         ([np.array([[1, 2**63 + 5]] * 3, dtype=np.uint64),
+           np.array([[3, 2**63 + 7]] * 3, dtype=np.uint64)],), {},
+         (r"images\[0\]", r"images\[1\]", r"2\*\*53", "rounded by up to"), None),
+        ("free-terms-set-to-zero", _column_pair(), dict(degree=(1, 0)),
+         ("no information", "set to 0", "image 0: x; image 1: x"), "minimum-norm"),
+        ("far-center", (_far_center_problem(),), dict(degree=2, center=(1e6, -1e6)),
+         ("float64", "center", "differ from the fit by up to", "range of",
+          "center=None"), None),
+    ]
+    return [pytest.param(args, kw, words, never, id=name)
+            for name, args, kw, words, never in rows]
+
+
+@pytest.mark.parametrize("args, kw, words, never", bad_input_warnings())
+@pytest.mark.parametrize("entry", ENTRY)
+def test_bad_input_warns(entry, args, kw, words, never):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        entry(*args, **kw)
+    texts = [str(w.message) for w in rec if issubclass(w.category, core.MatchWarning)]
+    hits = [t for t in texts if all(re.search(w, t) for w in words)]
+    assert len(hits) == 1, (words, texts)
+    if never:
+        assert not any(re.search(never, t) for t in texts), (never, texts)
 
 
 @pytest.mark.parametrize("kw, match", [

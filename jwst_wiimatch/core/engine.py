@@ -270,8 +270,9 @@ def _check_basis_loss(coef_u, coef, degree, frame):
             f"the coefficients cannot represent the fitted backgrounds to float64 "
             f"precision in the documented basis (polynomials about the center "
             f"{tuple(float(c) for c in frame.eff_center)}, which lies {far:.3g} "
-            f"half-widths of the grid away from the grid's middle): evaluated on the "
-            f"grid they differ from the fit by up to {loss:.3g}, against a background "
+            f"half-widths of the grid away from the grid's middle): evaluated in float64 "
+            f"at a sample of the grid's pixels they differ from the fit by up to "
+            f"{loss:.3g}, against a background "
             f"range of {spread:.3g} over the grid. Use a center on or near the grid "
             "(e.g. center=None) or a lower degree.", MatchWarning, stacklevel=3)
     return loss
