@@ -49,7 +49,7 @@ from .core.inputs import check_degree
 from .core.poly import coef_from_scaled
 from .models import frame as fr
 from .models import pixels, records
-from .models.library import member_file
+from .models.library import borrow_member, member_file, member_label, open_member
 
 __all__ = ["Outcome", "MatchSummary", "match_models", "apply_outcomes", "map_models",
            "default_threads", "parse_degree"]
@@ -66,11 +66,14 @@ def default_threads():
     return max(1, min(8, n))
 
 
-def _call_on_file(path, function, index):
-    """``function(model, index)`` on the model read from the file ``path``."""
-    from stdatamodels.jwst import datamodels
+def _call_on_file(path, function, index, what=None):
+    """``function(model, index)`` on the model read from the file ``path``.
 
-    with datamodels.open(path) as model:
+    A file that cannot be read raises `~jwst_wiimatch.models.library.MemberError`
+    naming ``what`` (default: ``'association member <index> (<file>)'``).
+    """
+    what = what or f"association member {index} ({os.path.basename(os.fspath(path))})"
+    with open_member(path, what) as model:
         return function(model, index)
 
 
@@ -96,18 +99,20 @@ def map_models(library, function, *, modify, threads=None, progress=None, client
     # models that the library would read from files, when nothing is kept:
     # read them where the work is done
     paths = [member_file(library, k) for k in range(n)] if not modify else [None] * n
+    labels = [member_label(library, k) for k in range(n)]
     if client is not None:
         if n and all(paths):
             log.info("wiimatch: %d models to %s on the dask cluster", n, progress or "process")
-            futures = client.map(_call_on_file, paths, [function] * n, range(n), pure=False)
+            futures = client.map(_call_on_file, paths, [function] * n, range(n), labels,
+                                 pure=False)
             return client.gather(futures)
         log.info("wiimatch: models held in memory are processed here, not on the cluster")
 
     def one(index):
         try:
             if read_only and paths[index] is not None:
-                return _call_on_file(paths[index], function, index)
-            model = library.borrow(index)
+                return _call_on_file(paths[index], function, index, labels[index])
+            model = borrow_member(library, index)
             try:
                 return function(model, index)
             finally:
@@ -171,6 +176,8 @@ class _Reduced:
     name: str
     npix: int = 0
     has_err: bool = True
+    err_note: str = None  # why the model has no usable ERR
+    reason: str = None  # why the model has no cells, when not for lack of valid pixels
     origin: tuple = None
     data: np.ndarray = None  # weighted by ERR
     sigma: np.ndarray = None
@@ -184,12 +191,29 @@ def _model_name(model, index):
     return f"model {index} ({name})" if name else f"model {index}"
 
 
-def _read_pixels(model, dqflags):
-    """Data minus pending level, sigma (or None), mask, level."""
-    sigma = pixels.model_sigma(model)
-    mask = pixels.valid_mask(model, dqflags, sigma=sigma)
+#: Why a model's ERR gives no weights, as said in the warning (see `pixels.err_status`).
+_ERR_NOTES = {"missing": "has no ERR array",
+              "not positive": "has an ERR array with no positive value (e.g. one filled "
+                              "with zeros by default)"}
+
+
+def _read_pixels(model, dqflags, name):
+    """Data minus pending level, sigma (or None), mask, level, why no sigma (or None).
+
+    Raises ValueError naming ``name`` when an array used (ERR, DQ, WHT /
+    WEIGHTMAP) does not have the data's shape.
+    """
+    sigma = pixels.model_sigma(model, name)
+    mask = pixels.valid_mask(model, dqflags, sigma=sigma, name=name)
     level = records.pending_level(model)
-    return np.asarray(model.data), sigma, mask, level
+    note = _ERR_NOTES[pixels.err_status(model, name)] if sigma is None else None
+    return np.asarray(model.data), sigma, mask, level, note
+
+
+def _warn_equal_weights(notes):
+    """Log that equal weights replace ERR weights, naming each model without a usable ERR."""
+    log.warning("wiimatch: %s: all pixels of all models get equal weight (unit sigma) "
+                "instead of 1/ERR**2", "; ".join(f"{n} {note}" for n, note in notes))
 
 
 def _reduce_box(data, sigma, mask, level, box, binning, red):
@@ -218,10 +242,9 @@ def _reduce_box(data, sigma, mask, level, box, binning, red):
 
 def _select_weights(reduced, usable, names):
     """ERR weights for all, or equal weights for all when a model has no ERR."""
-    missing = [names[k] for k in usable if not reduced[k].has_err]
+    missing = [(names[k], reduced[k].err_note) for k in usable if not reduced[k].has_err]
     if missing:
-        log.warning("no usable ERR array in %s: all pixels of all models get equal "
-                    "weight", ", ".join(missing))
+        _warn_equal_weights(missing)
         return ([reduced[k].data_eq for k in usable], [reduced[k].sigma_eq for k in usable])
     return [reduced[k].data for k in usable], [reduced[k].sigma for k in usable]
 
@@ -232,8 +255,8 @@ def _select_weights(reduced, usable, names):
 def _reduce_grid_model(model, index, dqflags, binning, checker):
     name = _model_name(model, index)
     checker.check(model, name)
-    data, sigma, mask, level = _read_pixels(model, dqflags)
-    red = _Reduced(name=name, has_err=sigma is not None,
+    data, sigma, mask, level, note = _read_pixels(model, dqflags, name)
+    red = _Reduced(name=name, has_err=sigma is not None, err_note=note,
                    npix=int(np.count_nonzero(mask)))
     box = valid_box(mask, mask.shape, (0,) * mask.ndim)
     if box is not None:
@@ -284,13 +307,11 @@ def _first_model(library):
     in-memory library does not start caching models), else borrowed."""
     path = member_file(library, 0)
     if path is not None:
-        from stdatamodels.jwst import datamodels
-
-        with datamodels.open(path) as model:
+        with open_member(path, member_label(library, 0)) as model:
             yield model
         return
     with library:
-        model = library.borrow(0)
+        model = borrow_member(library, 0)
         try:
             yield model
         finally:
@@ -307,8 +328,10 @@ def _grid_setup(library, degree, refpoint):
         ref = fr.check_refpoint(refpoint, ndim)
         if ref is None:
             ref = fr.default_refpoint(model)
-        elif ndim == 3 and len(ref) == 2:
-            ref = ref + [fr.default_refpoint(model)[2]]
+        else:  # the grid is common: its samples on model 0 stand for every model
+            fr.check_refpoint_distance(model, ref, name)
+            if ndim == 3 and len(ref) == 2:
+                ref = ref + [fr.default_refpoint(model)[2]]
         func = fr.frame_function(model.meta.wcs, ref)
         lattice = fr.model_lattice(model, ref) if ndim == 2 else None
     return checker, degree, ref, func, lattice
@@ -359,6 +382,43 @@ def _pixel_scale_deg(wcs, shape):
     return float(np.sqrt(sky[0] * sky[1]))
 
 
+#: What to do about a calibrated exposure without a WCS.
+_NO_WCS_SKY = ("the skymatch slot needs each calibrated exposure's own gwcs: run "
+               "assign_wcs (calwebb_image2) on it first")
+
+
+def _resampled_why(model):
+    """Why a model looks resampled (an i2d rather than a cal exposure), or None."""
+    try:
+        if str(model.meta.cal_step.resample).upper() == "COMPLETE":
+            return "meta.cal_step.resample is COMPLETE"
+    except AttributeError:
+        pass
+    try:
+        wht = model.wht
+    except AttributeError:
+        wht = None
+    if wht is not None:
+        return "it carries a WHT (resampling weight) array"
+    return None
+
+
+def _check_exposure(model, name):
+    """The gwcs of a calibrated 2-D exposure; ValueError naming ``name`` for anything else."""
+    why = _resampled_why(model)
+    if why is not None:
+        raise ValueError(
+            f"{name} is already resampled ({why}): the skymatch slot (WiiMatchSkyStep, "
+            "calwebb_image3_wiimatch) takes calibrated exposures on their own detector "
+            "grids (cal or crf files); for resampled images that share one grid use "
+            "WiiMatchStep (strun wiimatch)")
+    shape = np.shape(model.data)
+    if len(shape) != 2:
+        raise ValueError(f"{name}: data is {len(shape)}-D; the skymatch slot takes 2-D "
+                         "calibrated images")
+    return fr._get_wcs(model, name, fix=_NO_WCS_SKY)
+
+
 def _sky_setup(library, refpoint, binning):
     """Reference point, cell size (degrees) and binning of the sky grid, from the first model.
 
@@ -367,11 +427,8 @@ def _sky_setup(library, refpoint, binning):
     """
     with _first_model(library) as model:
         name = _model_name(model, 0)
+        wcs = _check_exposure(model, name)
         shape = np.shape(model.data)
-        if len(shape) != 2:
-            raise ValueError(f"{name}: data is {len(shape)}-D; the skymatch slot takes "
-                             "2-D calibrated images")
-        wcs = fr._get_wcs(model, name)
         binning = _capped_binning(binning, shape, name)
         ref = fr.check_refpoint(refpoint, 2)
         if ref is None:
@@ -385,7 +442,7 @@ def _sky_setup(library, refpoint, binning):
 def _sky_cells(model, name, ref, step):
     """Sky-grid cell (x, y) of every pixel, from a lattice of WCS evaluations."""
     shape = np.shape(model.data)
-    func = fr.frame_function(fr._get_wcs(model, name), ref)
+    func = fr.frame_function(fr._get_wcs(model, name, fix=_NO_WCS_SKY), ref)
     lattice = fr.model_lattice(model, ref)
     if lattice is not None:
         xi, eta = lattice.box(slice(0, shape[0]), slice(0, shape[1]))
@@ -398,20 +455,28 @@ def _sky_cells(model, name, ref, step):
     return cx, cy
 
 
-def _reduce_sky_model(model, index, dqflags, ref, step):
+def _reduce_sky_model(model, index, dqflags, ref, step, ref_given):
     """Sums of one exposure's pixels over the cells of the sky grid that hold them.
 
     Every valid pixel goes to the cell that contains its centre, so a cell
     averages the same patch of sky in every exposure (up to the pixels on
-    its border); the WCS is evaluated on a lattice only.
+    its border); the WCS is evaluated on a lattice only. An exposure too far
+    from the reference point for its tangent plane is an error when the
+    refpoint was given (``ref_given``), else it is skipped with that reason.
     """
     name = _model_name(model, index)
-    data, sigma, mask, level = _read_pixels(model, dqflags)
-    if data.ndim != 2:
-        raise ValueError(f"{name}: data is {data.ndim}-D; the skymatch slot takes 2-D "
-                         "calibrated images")
-    red = _Reduced(name=name, has_err=sigma is not None,
+    wcs = _check_exposure(model, name)
+    data, sigma, mask, level, note = _read_pixels(model, dqflags, name)
+    red = _Reduced(name=name, has_err=sigma is not None, err_note=note,
                    npix=int(np.count_nonzero(mask)))
+    if ref_given:
+        fr.check_refpoint_distance(model, ref, name)
+    else:
+        problem = fr.refpoint_problem(wcs, data.shape, ref)
+        if problem is not None:
+            red.reason = (f"too far from the default refpoint (the centre of model 0): "
+                          f"{problem}")
+            return red
     if red.npix == 0:
         return red
     cx, cy = _sky_cells(model, name, ref, step)
@@ -458,15 +523,15 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
     log.info("wiimatch: reading %d exposures onto a grid of %.3g arcsec cells (%d input "
              "pixels) in the tangent plane about (%.6f, %.6f)", len(library), step * 3600,
              binning, ref[0], ref[1])
-    reduced = map_models(library, lambda m, k: _reduce_sky_model(m, k, dqflags, ref, step),
-                         modify=False, threads=threads, progress="read", client=client,
-                         read_only=True)
+    ref_given = refpoint is not None and fr.check_refpoint(refpoint, 2) is not None
+    reduced = map_models(
+        library, lambda m, k: _reduce_sky_model(m, k, dqflags, ref, step, ref_given),
+        modify=False, threads=threads, progress="read", client=client, read_only=True)
 
     # ERR weights for all, or equal weights for all when an exposure has no ERR
-    missing = [r.name for r in reduced if r.cells is not None and not r.has_err]
+    missing = [(r.name, r.err_note) for r in reduced if r.cells is not None and not r.has_err]
     if missing:
-        log.warning("no usable ERR array in %s: all pixels of all models get equal "
-                    "weight", ", ".join(missing))
+        _warn_equal_weights(missing)
     keys = ("n", "nd") if missing else ("w", "wd")
     # one matching image per exposure group, on a grid whose cell (0, 0) is
     # the lowest cell any exposure reached; each exposure's sums are dropped
@@ -480,6 +545,8 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
             g.origin, (sw, swd) = _combine_cells(cells, keys)
             g.data, sigma = weighted_mean(sw, swd)
             g.sigma = sigma.astype(np.float32)
+        else:
+            g.reason = next((reduced[k].reason for k in members if reduced[k].reason), None)
         for k in members:
             reduced[k].cells = None
         gred.append(g)
@@ -525,7 +592,7 @@ def _solve(reduced, engine, to_frame):
     usable = [k for k in range(n) if reduced[k].origin is not None]
     for k in range(n):
         if k not in usable:
-            outcomes[k].reason = "no valid pixels (data/ERR/DQ/weight)"
+            outcomes[k].reason = reduced[k].reason or "no valid pixels (data/ERR/DQ/weight)"
     if len(usable) < 2:
         for k in usable:
             outcomes[k].reason = (f"fewer than two models with valid pixels "

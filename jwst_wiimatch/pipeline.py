@@ -34,8 +34,8 @@ from stpipe.datamodel import AbstractDataModel
 from .core.inputs import check_solver
 from .matching import map_models
 from .models import records
-from .models.library import SavedOutputs
-from .step import WiiMatchStep, library_copies, new_library, parse_cores
+from .models.library import NamedMembers, SavedOutputs
+from .step import WiiMatchStep, new_library, parse_cores
 
 __all__ = ["WiiMatchSkyStep", "WiiMatchImage3Pipeline"]
 
@@ -134,19 +134,21 @@ class WiiMatchSkyStep(WiiMatchStep):
         if isinstance(data, ModelLibrary):
             if self.parent is None and not getattr(data, "_on_disk", False):
                 # standalone: never change the caller's models
-                return ModelLibrary(library_copies(data), on_disk=False)
+                copies = map_models(data, lambda model, k: model.copy(), modify=False,
+                                    threads=1)
+                return ModelLibrary(copies, on_disk=False)
             return data
         if isinstance(data, (str, os.PathLike)):
-            return new_library(ModelLibrary, os.fspath(data), scratch)
+            return new_library(_NamedModelLibrary, os.fspath(data), scratch)
         if isinstance(data, Mapping):
-            return new_library(ModelLibrary, dict(data), scratch)
+            return new_library(_NamedModelLibrary, dict(data), scratch)
         if isinstance(data, Sequence) and not isinstance(data, str):
             items = []
             for item in data:
                 if isinstance(item, AbstractDataModel) and self.parent is None:
                     item = item.copy()
                 items.append(item)
-            return new_library(ModelLibrary, items, scratch)
+            return new_library(_NamedModelLibrary, items, scratch)
         raise TypeError(
             f"cannot use a {type(data).__name__} as input: give a ModelLibrary, an "
             "association file name or dict, or a list of cal models or file names"
@@ -156,6 +158,10 @@ class WiiMatchSkyStep(WiiMatchStep):
 
 class _SavedModelLibrary(SavedOutputs, ModelLibrary):
     """jwst's ModelLibrary over outputs saved as they were produced."""
+
+
+class _NamedModelLibrary(NamedMembers, ModelLibrary):
+    """jwst's ModelLibrary; a member file that cannot be read is named in the error."""
 
 
 class WiiMatchImage3Pipeline(Image3Pipeline):

@@ -46,18 +46,19 @@ FRAME_CUBE = FRAME + "; dlam = spectral world coordinate - refpoint[2]"
 _WCS_CHUNK = 1 << 20
 
 
-def _get_wcs(model, what="model"):
+#: What to do about a model without a WCS, for models on one common grid.
+NO_WCS_GRID = ("wiimatch needs the gwcs of the common (resampled) grid; run resample "
+               "(e.g. with single=True) or assign a gwcs to meta.wcs")
+
+
+def _get_wcs(model, what="model", fix=NO_WCS_GRID):
     wcs = None
     try:
         wcs = model.meta.wcs
     except AttributeError:
         pass
     if wcs is None:
-        raise ValueError(
-            f"{what} has no meta.wcs: wiimatch needs the gwcs of the common "
-            "(resampled) grid; run resample (e.g. with single=True) or assign a "
-            "gwcs to meta.wcs"
-        )
+        raise ValueError(f"{what} has no meta.wcs: {fix}")
     return wcs
 
 
@@ -274,9 +275,7 @@ class GridChecker:
                 "and 3-D cubes"
             )
         wcs = _get_wcs(model, name)
-        axes = [np.array([0.0, (n - 1) / 2.0, n - 1.0]) for n in self.shape[::-1]]
-        grids = np.meshgrid(*axes, indexing="ij")
-        self._pix = [g.ravel() for g in grids]
+        self._pix = sample_pixels(self.shape)
         self._world = _pixel_world(wcs, *self._pix)
         ndim = len(self.shape)
         sky, w = pixel_steps(wcs, self.shape)
@@ -317,6 +316,68 @@ class GridChecker:
                 f"that of {self.name}; wiimatch needs all models resampled onto "
                 "one grid (e.g. resample with single=True)"
             )
+
+
+#: Largest angular distance (degrees) from the reference point to a model's
+#: pixels: the tangent plane stretches distances by 1 / cos^2 of it (33x at
+#: 80 degrees) and has no points at 90 degrees and beyond.
+MAX_REFPOINT_DISTANCE = 80.0
+
+
+def sample_pixels(shape):
+    """A 3 x 3 (x 3) set of pixel positions (x, y[, z]) spanning a grid: corners,
+    edge middles and centre."""
+    axes = [np.array([0.0, (n - 1) / 2.0, n - 1.0]) for n in shape[::-1]]
+    grids = np.meshgrid(*axes, indexing="ij")
+    return [g.ravel() for g in grids]
+
+
+def refpoint_distance(world, refpoint):
+    """Largest angular distance (degrees) from ``refpoint`` to sky positions.
+
+    ``world`` is ``(ra, dec[, ...])`` of sample pixels (e.g. from
+    :func:`sample_pixels`); positions the WCS gives no finite value for are
+    left out. Returns ``(distance, index)`` of the farthest position, or
+    ``(nan, None)`` when none is finite.
+    """
+    sep = _angsep(refpoint[0], refpoint[1], world[0], world[1])
+    fin = np.isfinite(sep)
+    if not fin.any():
+        return np.nan, None
+    k = int(np.argmax(np.where(fin, sep, -np.inf)))
+    return float(sep[k]), k
+
+
+def refpoint_problem(wcs, shape, refpoint, limit=MAX_REFPOINT_DISTANCE):
+    """Why ``refpoint`` cannot be the tangent point for a grid, in words, or None.
+
+    The grid's corners, edge middles and centre must lie within ``limit``
+    degrees of the reference point.
+    """
+    world = _pixel_world(wcs, *sample_pixels(shape))
+    dist, k = refpoint_distance(world, refpoint)
+    if not (dist > limit):  # within reach, or no finite sample
+        return None
+    ref = [round(float(v), 6) for v in refpoint[:2]]
+    return (f"refpoint [ra, dec] = {ref} is {dist:.1f} degrees from part of it "
+            f"(ra, dec = {float(world[0][k]):.4f}, {float(world[1][k]):.4f}); the "
+            f"tangent plane about refpoint must reach every pixel within {limit:g} "
+            "degrees (at 90 degrees it has no points)")
+
+
+def check_refpoint_distance(model, refpoint, name, shape=None):
+    """Raise ValueError naming ``refpoint`` and ``name`` when the model lies too far from it.
+
+    See :func:`refpoint_problem`; the fix offered is a refpoint near the data.
+    """
+    if shape is None:
+        shape = np.shape(model.data)
+    problem = refpoint_problem(_get_wcs(model, name), shape, refpoint)
+    if problem is not None:
+        raise ValueError(
+            f"{name}: {problem}; give a refpoint near the data (e.g. the centre of "
+            "the field) or leave refpoint unset (None) for the default"
+        )
 
 
 def pixel_steps(wcs, shape):

@@ -9,12 +9,14 @@ only stpipe and stdatamodels installed. When jwst is installed, jwst's own
 
 import json
 import os
+import re
 from collections.abc import Mapping
 
-from stpipe.library import AbstractModelLibrary, NoGroupID
+from stpipe.library import AbstractModelLibrary, LibraryError, NoGroupID
 
 __all__ = ["WiiMatchLibrary", "load_association", "SavedOutputs", "outputs_association",
-           "member_file"]
+           "member_file", "MemberError", "NamedMembers", "open_member", "member_label",
+           "borrow_member"]
 
 
 def load_association(filename):
@@ -67,6 +69,254 @@ def check_association(asn, name="association"):
     return asn
 
 
+# ---------------------------------------------------------------------------
+# members that cannot be read: one error that names the member and the fault
+# ---------------------------------------------------------------------------
+class MemberError(ValueError):
+    """An input file (association member) that cannot be read as a JWST datamodel."""
+
+
+#: How much of a reader's own message is quoted.
+_DETAIL_CHARS = 300
+
+
+def _message(exc):
+    """An exception's message (a KeyError's without the quotes its str adds)."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
+def _reader_detail(exc):
+    """A reader's exception as one short line."""
+    text = " ".join(_message(exc).split())
+    if len(text) > _DETAIL_CHARS:
+        text = text[:_DETAIL_CHARS] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_FITS_BLOCK = 2880
+
+
+def _fits_shortfall(fh, size):
+    """Bytes the HDUs of a FITS file declare beyond its end (0: none missing).
+
+    Walks the headers (80-character cards in 2880-byte blocks) and the data
+    sizes they declare (BITPIX, NAXISn, PCOUNT, GCOUNT); stops at the first
+    header it cannot read.
+    """
+    pos = 0
+    while pos < size:
+        cards, end = {}, False
+        while not end:
+            fh.seek(pos)
+            block = fh.read(_FITS_BLOCK)
+            if len(block) < _FITS_BLOCK:
+                return pos + _FITS_BLOCK - size
+            pos += _FITS_BLOCK
+            for i in range(0, _FITS_BLOCK, 80):
+                card = block[i:i + 80].decode("ascii", "replace")
+                key = card[:8].strip()
+                if key == "END":
+                    end = True
+                    break
+                if card[8:10] == "= " and key not in cards:
+                    cards[key] = card[10:].split("/")[0].strip()
+        try:
+            naxis = int(cards.get("NAXIS", 0))
+            npix = 0
+            if naxis:
+                npix = 1
+                for k in range(1, naxis + 1):
+                    npix *= int(cards[f"NAXIS{k}"])
+            nbytes = (abs(int(cards.get("BITPIX", 8))) // 8
+                      * int(cards.get("GCOUNT", 1)) * (int(cards.get("PCOUNT", 0)) + npix))
+        except (KeyError, ValueError):
+            return 0
+        pos += -(-nbytes // _FITS_BLOCK) * _FITS_BLOCK
+    return max(0, pos - size)
+
+
+def file_problem(path):
+    """What is wrong with an input file before any reader sees it, in words, or None.
+
+    Checks that the file exists, is not empty, starts like FITS or ASDF and,
+    for FITS, holds all the bytes its headers declare (a truncated FITS file
+    can open without an error and lack its last extensions). Reads only the
+    headers. Paths with ``://`` (URLs) are not checked.
+    """
+    path = os.fspath(path)
+    if "://" in path:
+        return None
+    if not os.path.exists(path):
+        return "the file does not exist"
+    if os.path.isdir(path):
+        return "it is a folder, not a file"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(80)
+            short = _fits_shortfall(fh, size) if head.startswith(b"SIMPLE  =") else 0
+    except OSError as err:
+        return f"the file cannot be read ({err.strerror or err})"
+    if size == 0:
+        return "the file is empty"
+    if short:
+        return (f"the FITS file is truncated: its headers declare {short} bytes more "
+                f"than its {size} bytes (an interrupted copy or write?)")
+    if not head.startswith((b"SIMPLE  =", b"#ASDF")):
+        return f"it is neither a FITS nor an ASDF file (it starts with {head[:16]!r})"
+    return None
+
+
+def diagnose_file(path, exc=None):
+    """What is wrong with a file that a datamodel could not be read from, in words.
+
+    `file_problem` if it finds one, else the reader's exception ``exc`` as
+    one line.
+    """
+    problem = file_problem(path)
+    if problem is not None:
+        return problem
+    if "://" in os.fspath(path):
+        return _reader_detail(exc) if exc is not None else "it cannot be read"
+    with open(path, "rb") as fh:
+        kind = "FITS" if fh.read(9) == b"SIMPLE  =" else "ASDF"
+    if exc is None:
+        return f"the {kind} file is damaged"
+    missing = re.search(r"Extension \('?([A-Za-z0-9_]+)'?, *\d+\) not found", _message(exc))
+    if missing:
+        return (f"its metadata refers to the {missing.group(1)} extension, which the "
+                f"{kind} file lacks (was the extension removed from the file?)")
+    return f"the {kind} file is damaged or incomplete ({_reader_detail(exc)})"
+
+
+def _check_file(what, path):
+    """Raise `MemberError` naming ``what`` when `file_problem` finds one."""
+    if isinstance(path, (str, os.PathLike)) and file_problem(path) is not None:
+        raise _unreadable(what, path)
+
+
+def _unreadable(what, path, exc=None):
+    return MemberError(
+        f"{what}: cannot read {os.fspath(path)!r} as a JWST datamodel: "
+        f"{diagnose_file(path, exc)}; replace the file or remove it from the input"
+    )
+
+
+def open_member(path, what=None, **kwargs):
+    """Open an input file as a JWST datamodel, or raise one error that names it.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file (FITS or ASDF).
+    what : str, optional
+        How the file is named in the error, e.g. ``'association member 2
+        (jw..._cal.fits)'`` (default: ``'input file'``).
+    **kwargs
+        Passed to ``stdatamodels.jwst.datamodels.open``.
+
+    Raises
+    ------
+    MemberError
+        (a ValueError) naming ``what``, the file and what is wrong with it:
+        missing, empty, not FITS/ASDF, truncated, damaged, or a model with no
+        ``data`` array.
+    """
+    from stdatamodels.jwst import datamodels
+
+    what = what or "input file"
+    _check_file(what, path)
+    try:
+        model = datamodels.open(path, **kwargs)
+    except MemberError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader fault becomes one named error
+        raise _unreadable(what, path, exc) from None
+    try:
+        data = model.data
+    except Exception:  # noqa: BLE001 - no data array, or one that cannot be read
+        data = None
+    if data is None:
+        kind = type(model).__name__
+        model.close()
+        raise MemberError(
+            f"{what}: {os.fspath(path)!r} opens as a {kind} with no data (SCI) array; "
+            "wiimatch needs JWST image or cube products (cal, i2d, s3d)"
+        )
+    return model
+
+
+def member_label(library, index):
+    """``'association member k (expname)'`` or ``'model k'`` when the library has no names."""
+    members = getattr(library, "_members", None) or []
+    name = None
+    if index < len(members) and isinstance(members[index], Mapping):
+        name = members[index].get("expname")
+    return f"association member {index} ({name})" if name else f"model {index}"
+
+
+def _file_label(library, filename):
+    """`member_label` of the member read from ``filename`` (``'input file'`` if none)."""
+    members = getattr(library, "_members", None) or []
+    for k, member in enumerate(members):
+        try:
+            if library._member_to_filename(member) == os.fspath(filename):
+                return member_label(library, k)
+        except (AttributeError, KeyError, TypeError):
+            break
+    return "input file"
+
+
+def borrow_member(library, index):
+    """``library.borrow(index)``, with faults of reading the member's file named.
+
+    A member that cannot be read raises `MemberError` naming its index and
+    file; the library's own errors (borrowing twice, a closed library) pass
+    unchanged.
+    """
+    try:
+        return library.borrow(index)
+    except (MemberError, LibraryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the reader's fault, named
+        path = None
+        try:
+            path = library._member_to_filename(library._members[index])
+        except (AttributeError, IndexError, KeyError, TypeError):
+            pass
+        if path is None:
+            raise
+        raise _unreadable(member_label(library, index), path, exc) from None
+
+
+class NamedMembers:
+    """Mixin for a model library: faults of reading a member name the member.
+
+    Wraps the two places where a library reads its members' files, opening a
+    model (``_datamodels_open``) and reading its group id from the file
+    (``_filename_to_group_id``), so that a missing, damaged or foreign file
+    raises one `MemberError` naming the member's index and file.
+    """
+
+    def _datamodels_open(self, filename, **kwargs):
+        _check_file(_file_label(self, filename), filename)
+        try:
+            return super()._datamodels_open(filename, **kwargs)
+        except MemberError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the reader's fault, named
+            raise _unreadable(_file_label(self, filename), filename, exc) from None
+
+    def _filename_to_group_id(self, filename):
+        _check_file(_file_label(self, filename), filename)
+        try:
+            return super()._filename_to_group_id(filename)
+        except (NoGroupID, MemberError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the reader's fault, named
+            raise _unreadable(_file_label(self, filename), filename, exc) from None
+
+
 class WiiMatchLibrary(AbstractModelLibrary):
     """Model library for JWST datamodels that needs no jwst package.
 
@@ -98,9 +348,7 @@ class WiiMatchLibrary(AbstractModelLibrary):
         return "jwst"
 
     def _datamodels_open(self, filename, **kwargs):
-        from stdatamodels.jwst import datamodels
-
-        return datamodels.open(filename, **kwargs)
+        return open_member(filename, _file_label(self, filename), **kwargs)
 
     @classmethod
     def _load_asn(cls, filename):

@@ -2,12 +2,14 @@
 
 A pixel is valid when its data and sigma are finite, sigma > 0, its DQ passes
 the ``dqbits`` selection and its weight (``wht``/``weightmap``) is positive.
+Every array used here must have the data's shape: one that does not is an
+error naming the model and the array, never silently ignored.
 """
 
 import numpy as np
 
 __all__ = ["DEFAULT_DQBITS", "interpret_dqbits", "weight_array", "model_sigma",
-           "valid_mask"]
+           "valid_mask", "err_status"]
 
 #: Default DQ selection: pixels flagged DO_NOT_USE or NON_SCIENCE are bad.
 DEFAULT_DQBITS = "~DO_NOT_USE+NON_SCIENCE"
@@ -53,32 +55,67 @@ def interpret_dqbits(dqbits):
         ) from None
 
 
-def weight_array(model):
+def weight_array(model, name=None):
     """Return the model's weight (coverage) array or None.
 
-    ``wht`` for images, ``weightmap`` for IFU cubes.
+    ``wht`` for images, ``weightmap`` for IFU cubes. ``name`` names the model
+    in errors (default: its ``meta.filename``).
+
+    Raises
+    ------
+    ValueError
+        When the array's shape differs from the data's.
     """
-    for name in ("wht", "weightmap"):
-        arr = _get_array(model, name)
+    for attr in ("wht", "weightmap"):
+        arr = _get_array(model, attr, name)
         if arr is not None:
             return arr
     return None
 
 
-def _get_array(model, name):
+def _describe(model):
     try:
-        arr = getattr(model, name)
+        filename = model.meta.filename
+    except AttributeError:
+        filename = None
+    return f"model {filename}" if filename else "the model"
+
+
+def _get_array(model, attr, name=None):
+    """``model.<attr>`` as an array of the data's shape, or None when absent."""
+    try:
+        arr = getattr(model, attr)
     except AttributeError:
         return None
     if arr is None:
         return None
     arr = np.asarray(arr)
-    if arr.shape != np.shape(model.data):
-        return None
+    shape = np.shape(model.data)
+    if arr.shape != shape:
+        ext = attr.upper()
+        raise ValueError(
+            f"{name or _describe(model)}: its {ext} array has shape {arr.shape} but its "
+            f"data (SCI) array has shape {shape}; every array wiimatch uses (ERR, DQ, "
+            f"WHT/WEIGHTMAP) must have the data's shape: fix or remove the {ext} array"
+        )
     return arr
 
 
-def model_sigma(model):
+def err_status(model, name=None):
+    """Why a model has no usable ERR: None (it has one), ``'missing'`` or ``'not positive'``.
+
+    ``'not positive'``: an ERR array is there but holds no positive value
+    (e.g. one filled with zeros by default); such an array carries no
+    uncertainty and is treated as absent.
+    """
+    err = _get_array(model, "err", name)
+    if err is None:
+        return "missing"
+    with np.errstate(invalid="ignore"):
+        return None if np.any(np.asarray(err) > 0) else "not positive"
+
+
+def model_sigma(model, name=None):
     """Per-pixel uncertainty of the data, or None when the model has no ERR.
 
     The ERR array is used as sigma. For IFU cubes whose
@@ -86,20 +123,33 @@ def model_sigma(model):
     (``VAR``), an inverse variance (``IVAR``) or an inverse error (``IERR``),
     it is converted to a standard deviation first.
 
+    Parameters
+    ----------
+    model : DataModel
+    name : str, optional
+        How the model is named in errors (default: its ``meta.filename``).
+
     Returns
     -------
     numpy.ndarray or None
         Floating-point array of the data's shape (ERR's own precision is
         kept, so float32 ERR costs no extra memory; the engine sums in
-        float64).
+        float64). None when the model has no ERR array or one without any
+        positive value (see `err_status`).
+
+    Raises
+    ------
+    ValueError
+        When the ERR array's shape differs from the data's.
     """
-    err = _get_array(model, "err")
+    err = _get_array(model, "err", name)
     if err is None:
         return None
-    err = np.asarray(err)
     if err.dtype.kind != "f":
         err = err.astype(np.float64)
-    if not np.any(err > 0):
+    with np.errstate(invalid="ignore"):
+        positive = np.any(err > 0)
+    if not positive:
         # an ERR array with no positive value (e.g. a default-filled one)
         # carries no uncertainty information: treat it as absent
         return None
@@ -118,7 +168,7 @@ def model_sigma(model):
     return err
 
 
-def valid_mask(model, dqflags=None, sigma=None):
+def valid_mask(model, dqflags=None, sigma=None, name=None):
     """Valid-pixel mask of one model.
 
     A pixel is valid when its data value is finite, its sigma (from ERR) is
@@ -134,27 +184,35 @@ def valid_mask(model, dqflags=None, sigma=None):
         Output of :func:`interpret_dqbits`.
     sigma : numpy.ndarray or None
         Output of :func:`model_sigma` (computed when not given).
+    name : str, optional
+        How the model is named in errors (default: its ``meta.filename``).
 
     Returns
     -------
     numpy.ndarray of bool
+
+    Raises
+    ------
+    ValueError
+        When an array used (ERR, DQ when ``dqflags`` is given, WHT or
+        WEIGHTMAP) does not have the data's shape.
     """
     from astropy.nddata.bitmask import bitfield_to_boolean_mask
 
     data = np.asarray(model.data)
     mask = np.isfinite(data)
     if sigma is None:
-        sigma = model_sigma(model)
+        sigma = model_sigma(model, name)
     if sigma is not None:
         with np.errstate(invalid="ignore"):
             mask &= np.isfinite(sigma) & (sigma > 0)
     if dqflags is not None:
-        dq = _get_array(model, "dq")
+        dq = _get_array(model, "dq", name)
         if dq is not None:
             mask &= bitfield_to_boolean_mask(
                 dq, dqflags, good_mask_value=True, dtype=bool
             )
-    wht = weight_array(model)
+    wht = weight_array(model, name)
     if wht is not None:
         with np.errstate(invalid="ignore"):
             mask &= wht > 0
