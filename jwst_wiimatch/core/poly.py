@@ -13,13 +13,13 @@ Conventions (shared with wiimatch 0.3.2):
 Internally the engine works in *scaled* coordinates ``u = (X - shift) / scale``
 (one shift and scale per axis) where the monomials are well conditioned; this
 module converts moment sums and coefficients between the scaled basis and the
-documented (unscaled) basis. Coefficients are converted in exact rational
+documented (unscaled) basis. Coefficients are converted in exact integer
 arithmetic and rounded once, so each documented coefficient is the float64
 nearest to the exact value; whether float64 coefficients in the documented
 basis can represent the polynomial at all (they cannot when the center is far
 from the grid) is checked by :func:`basis_loss`.
 """
-from fractions import Fraction
+import math
 from math import comb
 
 import numpy as np
@@ -149,25 +149,32 @@ def _apply_per_axis(arr, mats):
 
 
 def _exact_inverse_change_1d(degree, shift, scale):
-    """:func:`_inverse_change_1d` in exact rational arithmetic (object array of Fraction)."""
-    n = int(degree) + 1
-    s, h = Fraction(float(shift)), Fraction(float(scale))
-    t = np.full((n, n), Fraction(0), dtype=object)
-    for k in range(n):
-        hk = h**k
+    """:func:`_inverse_change_1d` exactly: integer matrix ``t`` and integer ``den``.
+
+    ``T[i, k] = t[i, k] / den``. With ``shift = sn / sd`` and ``scale = hn /
+    hd`` (float64 numbers are such ratios of integers, ``sd`` and ``hd``
+    powers of 2), ``T[i, k] = C(k, i) (-sn)**(k-i) hd**k / (sd**(k-i) hn**k)``
+    over the common denominator ``sd**D hn**D``.
+    """
+    d = int(degree)
+    sn, sd = float(shift).as_integer_ratio()
+    hn, hd = float(scale).as_integer_ratio()
+    t = np.zeros((d + 1, d + 1), dtype=object)
+    for k in range(d + 1):
         for i in range(k + 1):
-            t[i, k] = comb(k, i) * (-s) ** (k - i) / hk
-    return t
+            t[i, k] = comb(k, i) * (-sn) ** (k - i) * hd**k * sd ** (d - k + i) * hn ** (d - k)
+    return t, sd**d * hn**d
 
 
 def coef_from_scaled(coef_u, degree, shift, scale):
     """Convert coefficients from the scaled basis ``u`` to the documented basis ``X``.
 
-    The change of basis is done in exact rational arithmetic (the float64
-    ``coef_u``, ``shift`` and ``scale`` are exact rationals) and each result
-    is rounded once: the returned coefficients are the float64 numbers
-    nearest to the exact ones. (Whether those can represent the polynomial
-    over the grid is another matter: see :func:`basis_loss`.)
+    The change of basis is done in exact integer arithmetic (the float64
+    ``coef_u``, ``shift`` and ``scale`` are exact rationals with power-of-two
+    denominators) and each result is rounded once: the returned coefficients
+    are the float64 numbers nearest to the exact ones. (Whether those can
+    represent the polynomial over the grid is another matter: see
+    :func:`basis_loss`.)
 
     Parameters
     ----------
@@ -191,10 +198,15 @@ def coef_from_scaled(coef_u, degree, shift, scale):
     if not np.all(np.isfinite(c)):
         mats = [_inverse_change_1d(d, s0, s1) for d, s0, s1 in zip(degree, shift, scale)]
         return _apply_per_axis(c, mats).reshape(c.shape[0], -1)
-    mats = [_exact_inverse_change_1d(d, s0, s1) for d, s0, s1 in zip(degree, shift, scale)]
-    exact = np.array([Fraction(v) for v in c.ravel().tolist()], dtype=object)
-    exact = _apply_per_axis(exact.reshape(c.shape), mats)
-    return np.array([float(v) for v in exact.ravel().tolist()]).reshape(c.shape[0], -1)
+    changes = [_exact_inverse_change_1d(d, s0, s1) for d, s0, s1 in zip(degree, shift, scale)]
+    # the coefficients as integers over one power-of-two denominator
+    ratios = [v.as_integer_ratio() for v in c.ravel().tolist()]
+    q = max(r[1] for r in ratios)
+    num = np.array([p * (q // r) for p, r in ratios], dtype=object).reshape(c.shape)
+    num = _apply_per_axis(num, [t for t, _ in changes])
+    den = q * math.prod(dn for _, dn in changes)
+    # int / int is correctly rounded in Python
+    return np.array([v / den for v in num.ravel().tolist()]).reshape(c.shape[0], -1)
 
 
 def _monomials(coords, degree):
@@ -202,7 +214,10 @@ def _monomials(coords, degree):
     e = exponents(degree)
     cols = np.ones((coords[0].size, e.shape[0]))
     for j, x in enumerate(coords):
-        cols *= np.asarray(x, dtype=float)[:, None] ** e[None, :, j]
+        pw = np.ones((cols.shape[0], int(degree[j]) + 1))
+        for k in range(1, pw.shape[1]):
+            pw[:, k] = pw[:, k - 1] * x
+        cols *= pw[:, e[:, j]]
     return cols
 
 
@@ -235,9 +250,11 @@ def basis_loss(coef_u, coef_x, degree, shift, scale, samples):
     if coef_u.size == 0 or samples[0].size == 0:
         return 0.0, 0.0, 0.0
     u = [(np.asarray(x, dtype=float) - s0) / s1 for x, s0, s1 in zip(samples, shift, scale)]
-    fit = coef_u @ _monomials(u, degree).T
+    # einsum (no BLAS): a small product, which a threaded BLAS makes slow
+    fit = np.einsum("nm,pm->np", coef_u, _monomials(u, degree))
     with np.errstate(over="ignore", invalid="ignore"):
-        got = np.asarray(coef_x, dtype=float) @ _monomials(samples, degree).T
+        got = np.einsum("nm,pm->np", np.asarray(coef_x, dtype=float),
+                        _monomials(samples, degree))
         diff = np.abs(got - fit)
     loss = float(np.max(np.where(np.isnan(diff), np.inf, diff)))
     return loss, float(np.max(np.ptp(fit, axis=1))), float(np.max(np.abs(fit)))
