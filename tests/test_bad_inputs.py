@@ -284,6 +284,15 @@ def member_corrupt_asdf(tmp_path):
     return lambda: via_call(str(asn))
 
 
+def library_member_not_fits(tmp_path):
+    from jwst.datamodels import ModelLibrary
+
+    asn = write(i2d_models(), tmp_path)
+    lib = ModelLibrary(asn, on_disk=False)  # reads the group ids while the files are good
+    not_fits(member(tmp_path, 2))
+    return lambda: via_call(lib)
+
+
 def sky_member_truncated(tmp_path):
     asn = write(cal_models(), tmp_path)
     truncate(cal_member(tmp_path, 1), 0.95)
@@ -407,6 +416,11 @@ CASES = [
          marks=(pytest.mark.xfail(
              reason="step.py's _open_model catches only OSError/ValueError/TypeError: "
                     "use jwst_wiimatch.models.library.open_member there", strict=True),)),
+    Case("library-member-not-fits", library_member_not_fits, ValueError,
+         ("member 2", "exp3_i2d.fits", "neither a FITS"), needs=("jwst",),
+         marks=(pytest.mark.xfail(
+             reason="step.py's _copy_library borrows through map_function: copy with "
+                    "matching.map_models (or models.library.borrow_member)", strict=True),)),
     Case("sky-member-truncated", sky_member_truncated, ValueError,
          ("member 1", CAL2, "truncated"), needs=("jwst",)),
     Case("sky-member-not-fits-in-library", sky_member_not_fits_library, ValueError,
