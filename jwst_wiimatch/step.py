@@ -21,7 +21,8 @@ from stpipe.datamodel import AbstractDataModel
 from stpipe.library import AbstractModelLibrary
 
 from .core.inputs import check_solver
-from .matching import apply_outcomes, default_threads, map_models, match_models
+from .matching import (apply_outcomes, default_threads, map_models, match_models,
+                       parse_degree)
 from .models import WiiMatchLibrary, check_association
 from .models.library import SavedLibrary, member_file, outputs_association
 from .models.outputs import OutputSet, remove_known_suffix, save_atomically
@@ -43,15 +44,22 @@ class WiiMatchStep(Step):
     models, after removing their polynomials, are least in the least-squares
     sense. The polynomials are recorded in ``meta.background.polynomial_info``
     and, with ``subtract=True``, subtracted from the data.
+
+    Example: ``strun wiimatch asn.json --degree=1 --subtract=true`` writes one
+    file per association member, named after it with its suffix replaced
+    (``x_i2d.fits`` -> ``x_wiimatch.fits``, in ``--output_dir``): the member
+    with its background subtracted, the polynomial in
+    ``meta.background.polynomial_info`` and the fit in ``meta.wiimatch``.
+    Input files are never changed.
     """
 
     class_alias = "wiimatch"
 
     spec = """
-    degree = pass(default=1)  # polynomial degree: one int for all axes, or one per axis (xi,eta[,wavelength]), e.g. 1 or 2,2,0
-    refpoint = pass(default=None)  # reference point [ra, dec] or [ra, dec, wavelength] of the polynomial frame; None = world coordinates of the grid center
-    solver = string(default='RLU')  # linear solver: 'RLU' (LU with image 0 fixed, then zero-sum) or 'PINV' (pseudo-inverse, minimum norm)
-    dqbits = string(default='~DO_NOT_USE+NON_SCIENCE')  # DQ flags marking bad pixels (JWST bit-flag expression); None or '' ignores DQ
+    degree = pass(default=1)  # polynomial degree: one integer for all axes, or one per axis (xi,eta[,wavelength]), e.g. 1 or 2,2,0 (checked and stored as integers)
+    refpoint = float_list(min=2, max=3, default=None)  # reference point ra,dec or ra,dec,wavelength of the polynomial frame, e.g. 150.1,2.2; None = world coordinates of the grid center
+    solver = string(default='RLU')  # linear solver: 'RLU' (LU with image 0 fixed, then zero-sum) or 'PINV' (pseudo-inverse), any case
+    dqbits = string(default='~DO_NOT_USE+NON_SCIENCE')  # DQ bit flags of pixels that are used anyway (jwst's convention); '~' inverts: '~DO_NOT_USE+NON_SCIENCE' (default) leaves out pixels with DO_NOT_USE or NON_SCIENCE set; None or '' ignores DQ
     subtract = boolean(default=False)  # subtract each model's polynomial from its data
     binning = integer(min=1, default=4)  # match on averages of binning x binning blocks of the grid (1: every pixel; reduced for grids under 64*binning pixels a side): smooth backgrounds stay at the noise floor with 16x less memory
     maximum_cores = string(default='all')  # worker threads for reading, matching and subtracting: 'all', 'half', 'quarter', 'none' (one) or a number
@@ -60,6 +68,12 @@ class WiiMatchStep(Step):
     output_ext = string(default='.fits')  # file name extension of saved outputs
     output_use_model = boolean(default=True)  # name outputs after each member, its known suffix replaced: x_i2d.fits -> x_wiimatch.fits (output_file, when set, names them instead: <output_file>_<k>_wiimatch.fits)
     """  # noqa: E501
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # numbers, not text, whether given on the command line or in Python
+        # (--save-parameters writes them as numbers); bad values stop here
+        self.degree = typed_degree(self.degree)
 
     # this step uses no reference files and never contacts CRDS
     reference_file_types = []  # noqa: RUF012
@@ -321,6 +335,24 @@ class WiiMatchStep(Step):
             return out, WiiMatchLibrary(list(models))
         check_input_kind(data)
         raise _input_kind_error(data)  # pragma: no cover (check_input_kind raised)
+
+
+def typed_degree(value):
+    """``degree`` as an int (all axes) or a list of ints (one per axis).
+
+    Raises ValueError naming ``degree`` for anything else (see
+    `jwst_wiimatch.matching.parse_degree`).
+    """
+    try:
+        return int(parse_degree(value, 1)[0])
+    except ValueError:
+        pass
+    for ndim in (2, 3):
+        try:
+            return [int(d) for d in parse_degree(value, ndim)]
+        except ValueError as exc:
+            error = exc
+    raise error
 
 
 def _input_kind_error(data):

@@ -482,9 +482,32 @@ def test_no_overlap_skipped():
     ],
 )
 def test_bad_parameters(kwargs, match):
+    from stpipe.exceptions import ValidationError
+
     models, _, _ = h.make_models(n=2, shape=(20, 24))
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError, ValidationError), match=match):
         WiiMatchStep.call(models, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"degree": "x"}, "degree"), ({"degree": -1}, "degree"), ({"degree": [1, 2, 3, 4]}, "degree"),
+    ({"refpoint": "abc"}, "refpoint"), ({"refpoint": [1, 2, 3, 4]}, "refpoint"),
+    ({"binning": 0}, "binning")])
+def test_bad_parameters_refused_when_the_step_is_made(kwargs, match):
+    """Typed parameters: bad values stop at construction, before any input is read."""
+    from stpipe.exceptions import ValidationError
+
+    with pytest.raises((ValueError, ValidationError), match=match):
+        WiiMatchStep(**kwargs)
+
+
+@pytest.mark.parametrize("given, stored", [
+    (1, 1), ("2", 2), ([1, 2], [1, 2]), (["1", "0"], [1, 0]), ("2,2,0", [2, 2, 0]),
+    (2.0, 2)])
+def test_degree_stored_as_integers(given, stored):
+    step = WiiMatchStep(degree=given)
+    assert step.degree == stored
+    assert all(isinstance(v, int) for v in np.atleast_1d(step.degree).tolist())
 
 
 def test_bad_input_type():

@@ -56,6 +56,13 @@ def _run_and_check(tmp_path, step_name):
         os.remove(tmp_path / name.replace("_i2d.fits", "_wiimatch.fits"))
     # the saved parameter file runs again and gives the same result
     assert (tmp_path / "wiimatch.asdf").exists()
+    import asdf
+
+    with asdf.open(tmp_path / "wiimatch.asdf") as af:
+        pars = dict(af.tree["parameters"])
+    # typed: numbers and booleans, not the text given on the command line
+    assert pars["degree"] == 1 and isinstance(pars["degree"], int)
+    assert pars["subtract"] is True and pars["binning"] == 4
     res = _strun(["wiimatch.asdf", "asn.json"], tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     for name in inputs:
@@ -104,3 +111,12 @@ def test_entry_point_function():
         name, alias, is_pipeline = steps[1]
         assert alias == "calwebb_image3_wiimatch" and is_pipeline is True
         assert issubclass(import_class(name, subclassof=Pipeline), Pipeline)
+
+
+def test_help_gives_an_example_and_what_is_written(tmp_path):
+    res = _strun(["wiimatch", "--help"], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = " ".join(res.stdout.split())
+    assert "strun wiimatch asn.json --degree=1 --subtract=true" in text
+    assert "x_i2d.fits`` -> ``x_wiimatch.fits``" in text
+    assert "Input files are never changed" in text
