@@ -305,7 +305,13 @@ def _exact_integers(imgs, masks):
     if not ranges or all(max(-lo, hi) <= FLOAT64_EXACT_INT for lo, hi in ranges.values()):
         return imgs
     offset = 0
-    if len(big) == len(imgs):  # all integers: one common offset keeps them exact
+    if all(im.dtype.kind in "iu" for im in imgs):
+        # all integers: one common offset keeps them exact
+        for k, im in enumerate(imgs):
+            if k not in big:
+                r = _int_range(im, masks[k])
+                if r is not None:
+                    ranges[k] = r
         lo = min(r[0] for r in ranges.values())
         hi = max(r[1] for r in ranges.values())
         if hi - lo < 2**63:
