@@ -255,6 +255,42 @@ def test_later_products_keep_jwst_names(field, tmp_path):
     assert not [n for n in names if "wiimatch" in n or "_cal_" in n], names
 
 
+def test_pipeline_dqbits_reaches_the_slot(field, tmp_path):
+    """--steps.skymatch.dqbits is used: junk flagged DO_NOT_USE in one exposure is
+    left out by default, and spoils the fit when DQ is ignored ('') or when
+    DO_NOT_USE is listed (jwst's convention: listed flags are used anyway)."""
+    import shutil
+
+    src = os.path.dirname(field)
+    work = tmp_path / "in"
+    shutil.copytree(src, work)
+    first = sorted(glob.glob(str(work / "*_cal.fits")))[0]
+    m = open_model(first)
+    ny, nx = m.data.shape
+    m.data[ny // 4: ny // 2, nx // 4: nx // 2] += 50.0   # junk, flagged
+    m.dq[ny // 4: ny // 2, nx // 4: nx // 2] |= 1        # DO_NOT_USE
+    m.save(first)
+    asn = str(work / os.path.basename(field))
+
+    def level(dqbits, name):
+        out = tmp_path / name
+        out.mkdir()
+        run_cmdline(["calwebb_image3_wiimatch", asn, *SKIP_ARGS,
+                     "--steps.skymatch.save_results=true", f"--steps.skymatch.dqbits={dqbits}",
+                     f"--output_dir={out}"])
+        files = sorted(glob.glob(str(out / "*_skymatch.fits")))
+        return np.array([entry_of(open_model(f))["coefficients"][0] for f in files])
+
+    good = level("~DO_NOT_USE+NON_SCIENCE", "default")
+    ignored = level("", "ignored")
+    listed = level("DO_NOT_USE", "listed")
+    clean = level("~DO_NOT_USE+NON_SCIENCE", "again")
+    np.testing.assert_allclose(good, clean, atol=1e-12)
+    # the junk (50 over a sixteenth of a detector) pulls the fit by ~1
+    assert np.max(np.abs(ignored - good)) > 0.5
+    assert np.max(np.abs(listed - good)) > 0.5
+
+
 def test_seams_wiimatch_vs_skymatch(field, flat_field, tmp_path):
     """Acceptance: the i2d made with wiimatch in skymatch's place has seams at
     the noise level; jwst's skymatch (constants) leaves the gradients."""
