@@ -299,6 +299,12 @@ def sky_member_truncated(tmp_path):
     return lambda: via_sky(asn)
 
 
+def sky_member_missing(tmp_path):
+    asn = write(cal_models(), tmp_path)
+    os.remove(cal_member(tmp_path, 0))
+    return lambda: via_sky(asn)
+
+
 def sky_member_not_fits_library(tmp_path):
     from jwst.datamodels import ModelLibrary
 
@@ -423,6 +429,9 @@ CASES = [
                     "matching.map_models (or models.library.borrow_member)", strict=True),)),
     Case("sky-member-truncated", sky_member_truncated, ValueError,
          ("member 1", CAL2, "truncated"), needs=("jwst",)),
+    Case("sky-member-missing", sky_member_missing, ValueError,
+         ("member 0", "jw01234001001_02101_00001_nrca1_cal.fits", "does not exist"),
+         needs=("jwst",)),
     Case("sky-member-not-fits-in-library", sky_member_not_fits_library, ValueError,
          ("member 2", "jw01234001001_02103_00001_nrca1_cal.fits", "neither a FITS"),
          needs=("jwst",)),
