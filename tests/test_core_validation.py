@@ -132,7 +132,8 @@ def bad_inputs():
     # issue 10: sigmas whose squares no common scale brings into float64
     wide = np.ones(SHAPE)
     wide[0, 0] = 1e-310
-    add("sigmas-range", ("'sigmas'", "1e-310", "float64", "Check the sigmas"),
+    add("sigmas-range", ("'sigmas'", r"1e-310 \(in sigmas\[0\]\)", "float64",
+                         "Check the sigmas"),
         (images, None, [wide, sigmas[1], sigmas[2]]))
     return cases
 
@@ -151,6 +152,8 @@ def test_check_size_memory_estimate():
     of 1 MB refuses 2 images x 16 terms only if (32 unknowns)**2 copies
     exceed it; a 1 kB one does."""
     core.inputs.check_size((3, 3), [1000, 1000], memory=1 << 20)
+    # images without any pixel (empty cutouts) are warned about, not refused
+    core.inputs.check_size((5, 5), [0, 0], memory=1 << 20)
     with pytest.raises(ValueError, match="'degree'.*32 unknowns.*memory"):
         core.inputs.check_size((3, 3), [1000, 1000], memory=1000)
 

@@ -227,13 +227,14 @@ def check_size(degree, sizes, memory=None):
     ------
     ValueError
         When the unknowns (``N * prod(D_j + 1)``) outnumber the pixels of the
-        images, or when the normal equations would not fit in memory.
+        images (when there are any), or when the normal equations would not
+        fit in memory.
     """
     n = len(sizes)
     nterms = math.prod(d + 1 for d in degree)
     unknowns = n * nterms
     npix = int(sum(sizes))
-    if unknowns > npix:
+    if unknowns > npix > 0:  # (no pixel at all: every image is warned about)
         raise ValueError(
             f"'degree' {degree} gives {nterms} polynomial terms per image, {unknowns} "
             f"unknowns for {n} image(s), more than the {npix} pixels of the images: "
@@ -383,24 +384,25 @@ def common_sigma_scale(sigmas, masks):
         When the usable sigmas span a range whose squares no common factor
         brings into float64.
     """
-    lo, hi = np.inf, 0.0
-    for s, m in zip(sigmas, masks):
+    lo, hi, klo, khi = np.inf, 0.0, None, None
+    for k, (s, m) in enumerate(zip(sigmas, masks)):
         if isinstance(s, float):
-            if s > 0 and np.isfinite(s):
-                lo, hi = min(lo, s), max(hi, s)
-            continue
-        n, slo, shi = _sigma_range(s, m)
-        if n:
-            lo, hi = min(lo, slo), max(hi, shi)
+            n, slo, shi = (1, s, s) if s > 0 and np.isfinite(s) else (0, 0.0, 0.0)
+        else:
+            n, slo, shi = _sigma_range(s, m)
+        if n and slo < lo:
+            lo, klo = slo, k
+        if n and shi > hi:
+            hi, khi = shi, k
     if not hi > 0:
         return 1.0
     # the geometric middle of the range becomes 1 (in logs: no overflow)
     scale = 2.0 ** ((math.log2(lo) + math.log2(hi)) / 2)
     if not (SIGMA_MIN < lo / scale and hi / scale <= SIGMA_MAX):
         raise ValueError(
-            f"'sigmas' span {lo:.3g} to {hi:.3g}: their squares cannot be held in "
-            "float64 together, even after a common rescaling. Check the sigmas (give "
-            "0 or NaN for pixels not to use)."
+            f"'sigmas' span {lo:.3g} (in sigmas[{klo}]) to {hi:.3g} (in sigmas[{khi}]): "
+            "their squares cannot be held in float64 together, even after a common "
+            "rescaling. Check the sigmas (give 0 or NaN for pixels not to use)."
         )
     return scale
 
