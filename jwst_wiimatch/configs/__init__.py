@@ -7,8 +7,10 @@
     jwst's ``calwebb_image3`` with wiimatch as a post-hook of ``resample`` in
     single mode (per-exposure images on one grid, with their polynomials).
 
-``python -m jwst_wiimatch.configs`` prints their paths; both need jwst
-(``pip install "jwst-wiimatch[jwst]"``). See ``docs/pipeline.rst``.
+``python -m jwst_wiimatch.configs`` prints their paths and
+``python -m jwst_wiimatch.configs --copy`` writes them into the working
+directory (``strun`` takes a configuration file only as a path); both need
+jwst (``pip install "jwst-wiimatch[jwst]"``). See ``docs/pipeline.rst``.
 """
 
 from importlib import resources
