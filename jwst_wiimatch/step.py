@@ -248,7 +248,7 @@ class WiiMatchStep(Step):
         """
         save_results = self.save_results
         try:
-            with _terminate_cleanly(self.parent is None):
+            with _terminate_cleanly(self.parent is None), _log_where_stpipe_logs():
                 return super().run(*args, **kwargs)
         finally:
             self.save_results = save_results
@@ -407,6 +407,35 @@ def _open_model(path, what):
         return datamodels.open(path)
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{what}: cannot open {path!r} as a datamodel ({exc})") from None
+
+
+@contextlib.contextmanager
+def _log_where_stpipe_logs():
+    """Send this package's log records where stpipe's go, while a step runs.
+
+    ``strun`` and pipelines configure the loggers their own class names
+    (``get_stpipe_loggers``); run as a hook of jwst's ``resample`` or inside
+    another pipeline, ours is not among them, so its summary and warnings
+    would reach neither the console nor ``--log-file``. The handlers and
+    level of the ``stpipe`` logger are lent to ``jwst_wiimatch`` meanwhile.
+    """
+    ours = logging.getLogger("jwst_wiimatch")
+    theirs = logging.getLogger("stpipe")
+    lent = [h for h in theirs.handlers if h not in ours.handlers]
+    if not lent:
+        yield
+        return
+    level = ours.level
+    for handler in lent:
+        ours.addHandler(handler)
+    if level == logging.NOTSET or level > theirs.getEffectiveLevel():
+        ours.setLevel(theirs.getEffectiveLevel())
+    try:
+        yield
+    finally:
+        for handler in lent:
+            ours.removeHandler(handler)
+        ours.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -518,6 +518,50 @@ def test_bad_input_type():
         WiiMatchStep.call([models[0], 3.0])
 
 
+def test_hook_logs_reach_the_parents_log(tmp_path):
+    """As a hook of a step whose loggers do not include ours (jwst's resample in
+    calwebb_image3), the summary, infos and warnings still reach the log file."""
+    from stpipe import Step
+
+    class Parent(Step):
+        spec = """
+        output_ext = string(default='.fits')
+        """
+
+        def process(self, lib):
+            return lib
+
+        @classmethod
+        def get_config_from_reference(cls, dataset, disable=None, crds_observatory=None):
+            from stpipe.config_parser import ConfigObj
+
+            return ConfigObj()
+
+        @classmethod
+        def _get_crds_parameters(cls, dataset):
+            return {}, "jwst"
+
+        @staticmethod
+        def get_stpipe_loggers():
+            return ("stpipe", "py.warnings")
+
+    models, _, _ = h.make_models(n=3, degree=1)
+    models[2].data[:] = np.nan  # no valid pixel: skipped with a warning
+    lib = WiiMatchLibrary([m.copy() for m in models])
+    log_file = tmp_path / "run.log"
+    from stpipe import _log  # the set-up strun makes for the parent's loggers
+
+    cfg = _log.LogConfig(handler=f"file:{log_file}", level="INFO")
+    with cfg.context(Parent.get_stpipe_loggers()):
+        Parent.call(lib, post_hooks=["jwst_wiimatch.step.WiiMatchStep"], configure_log=False)
+    text = log_file.read_text()
+    assert "wiimatch summary" in text
+    assert "jwst_wiimatch" in text and "SKIPPED" in text
+    assert "WARNING" in text and "no valid pixel" in text
+    # nothing lent stays behind
+    assert logging.getLogger("jwst_wiimatch").handlers == []
+
+
 def test_post_hook_in_another_step():
     """A post-hook receives the parent's result: the library is updated in place."""
     from stpipe import Step
