@@ -212,7 +212,10 @@ def _zero_free_terms(sub, null, d, priority):
     sel = _pick_rows(q, np.tile(np.asarray(priority), g))
     flat = sub.ravel().copy()
     if sel:
-        t = linalg.solve(z[sel], flat[sel], check_finite=False)
+        if len(sel) == k:
+            t = linalg.solve(z[sel], flat[sel], check_finite=False)
+        else:  # (rounding left fewer independent rows: zero those it can)
+            t = np.linalg.lstsq(z[sel], flat[sel], rcond=None)[0]
         shift = z @ t
         flat -= shift
         flat[sel] = 0.0
