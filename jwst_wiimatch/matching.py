@@ -625,7 +625,7 @@ def _solve(reduced, engine, to_frame):
     for k in usable:
         for expo in outcomes[k].undetermined:
             log.warning("wiimatch: %s: the data do not determine the term with exponents "
-                        "%s (set to a minimum-norm value)", names[k], expo)
+                        "%s (set to 0: the overlaps carry no information on it)", names[k], expo)
     return outcomes, groups
 
 
@@ -687,9 +687,10 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
 # ---------------------------------------------------------------------------
 # writing results back
 # ---------------------------------------------------------------------------
-def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra):
+def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra, cal_step):
     if not outcome.matched:
-        records.record_skipped(model, outcome.reason, frame=summary.frame, npix=outcome.npix)
+        records.record_skipped(model, outcome.reason, frame=summary.frame, npix=outcome.npix,
+                               cal_step=cal_step)
         log.warning("wiimatch: %s SKIPPED: %s", outcome.name, outcome.reason)
         return
     level = records.pending_level(model)
@@ -697,17 +698,18 @@ def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra):
         model, degree=summary.degree, refpoint=summary.refpoint,
         coefficients=outcome.coefficients, subtract=subtract, frame=summary.frame,
         npix=outcome.npix, rms=outcome.rms, rms_before=outcome.rms_before, level=level,
-        solver=solver, dqbits=dqbits, undetermined=outcome.undetermined)
+        solver=solver, dqbits=dqbits, undetermined=outcome.undetermined, cal_step=cal_step)
     if extra:
         model.meta.wiimatch = {**model.meta.wiimatch.instance, **extra}
     if subtract:
         entry = {"degree": list(summary.degree), "refpoint": summary.refpoint,
                  "coefficients": outcome.coefficients}
-        records.subtract_polynomial(model, entry, level=level)
+        mean = records.subtract_polynomial(model, entry, level=level)
+        records.record_subtracted_level(model, mean)
 
 
 def apply_outcomes(library, outcomes, summary, *, subtract, solver, dqbits, threads=None,
-                   extra=None, after=None, client=None):
+                   extra=None, after=None, client=None, cal_step=None):
     """Record each model's outcome in its metadata and subtract it when asked.
 
     The polynomial is evaluated on each model's own pixels through its own
@@ -723,6 +725,10 @@ def apply_outcomes(library, outcomes, summary, *, subtract, solver, dqbits, thre
     client : dask.distributed.Client, None
         With ``after``, models kept in files are updated (and saved by
         ``after``, which must then be picklable) by tasks on the cluster.
+    cal_step : str, None
+        Name of the jwst step this run stands in for (``'skymatch'`` in
+        the skymatch slot): its ``meta.cal_step`` status (``S_SKYMAT``) is
+        set too.
 
     Returns
     -------
@@ -730,7 +736,7 @@ def apply_outcomes(library, outcomes, summary, *, subtract, solver, dqbits, thre
         What ``after`` returned for each model (None without ``after``).
     """
     def one(model, k):
-        _apply_one(model, outcomes[k], summary, subtract, solver, dqbits, extra)
+        _apply_one(model, outcomes[k], summary, subtract, solver, dqbits, extra, cal_step)
         return after(model, k) if after is not None else None
 
     return map_models(library, one, modify=after is None, threads=threads,

@@ -115,7 +115,8 @@ class WiiMatchSkyStep(WiiMatchStep):
                 reason = (f"needs at least two exposures to match, got {len(groups)} "
                           "exposure group(s)")
                 log.warning("wiimatch: %s; nothing done", reason)
-                map_models(library, lambda m, k: records.record_skipped(m, reason),
+                map_models(library,
+                           lambda m, k: records.record_skipped(m, reason, cal_step="skymatch"),
                            modify=True, threads=1)
                 saved = self._save_outputs(library, outputs, staged=False, threads=1,
                                            library_class=_SavedModelLibrary)
@@ -126,7 +127,8 @@ class WiiMatchSkyStep(WiiMatchStep):
             saved = self._match_and_apply(library, stack, stream, solver, threads,
                                           kind="sky", groups=groups,
                                           extra={"matched_on": MATCHED_ON},
-                                          library_class=_SavedModelLibrary, outputs=outputs)
+                                          library_class=_SavedModelLibrary, outputs=outputs,
+                                          cal_step="skymatch")
         return saved if stream else library
 
     # ------------------------------------------------------------------

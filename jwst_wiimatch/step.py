@@ -24,7 +24,7 @@ from .core.inputs import check_solver
 from .matching import (apply_outcomes, default_threads, map_models, match_models,
                        parse_degree)
 from .models import WiiMatchLibrary, check_association
-from .models.library import SavedLibrary, member_file, outputs_association
+from .models.library import SavedLibrary, member_file, open_member, outputs_association
 from .models.outputs import OutputSet, remove_known_suffix, save_atomically
 
 __all__ = ["WiiMatchStep"]
@@ -101,6 +101,8 @@ class WiiMatchStep(Step):
     def _datamodels_open(cls, init, **kwargs):
         if isinstance(init, (str, os.PathLike)) and str(init).lower().endswith(".json"):
             return WiiMatchLibrary(init, **kwargs)
+        if isinstance(init, (str, os.PathLike)):
+            return open_member(init, f"input file {os.fspath(init)!r}", **kwargs)
         from stdatamodels.jwst import datamodels
 
         return datamodels.open(init, **kwargs)
@@ -156,7 +158,8 @@ class WiiMatchStep(Step):
 
     # ------------------------------------------------------------------
     def _match_and_apply(self, library, stack, stream, solver, threads, *, kind,
-                         groups=None, extra=None, library_class=None, outputs=None):
+                         groups=None, extra=None, library_class=None, outputs=None,
+                         cal_step=None):
         """Match, record (and subtract) with this step's parameters; log the summary.
 
         With ``outputs`` (an `OutputSet` from `_plan_outputs`) every output is
@@ -172,7 +175,8 @@ class WiiMatchStep(Step):
             client=client)
         apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
                        solver=solver, dqbits=self.dqbits, threads=threads,
-                       extra=extra, after=outputs if stream else None, client=client)
+                       extra=extra, after=outputs if stream else None, client=client,
+                       cal_step=cal_step)
         log_summary(outcomes, summary)
         saved = self._save_outputs(library, outputs, stream, threads, library_class)
         return saved if stream else None
@@ -391,8 +395,11 @@ def new_library(cls, data, scratch=None):
 
 
 def library_copies(lib):
-    """Copies of the models of a model library, in order (the library is unchanged)."""
-    return list(lib.map_function(lambda model, index: model.copy(), modify=False))
+    """Copies of the models of a model library, in order (the library is unchanged).
+
+    A member that cannot be read raises `MemberError` naming it.
+    """
+    return map_models(lib, lambda model, index: model.copy(), modify=False, threads=1)
 
 
 def _copy_library(lib):
@@ -401,12 +408,7 @@ def _copy_library(lib):
 
 
 def _open_model(path, what):
-    from stdatamodels.jwst import datamodels
-
-    try:
-        return datamodels.open(path)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"{what}: cannot open {path!r} as a datamodel ({exc})") from None
+    return open_member(path, what)
 
 
 @contextlib.contextmanager

@@ -378,6 +378,58 @@ def sky_one_resampled(tmp_path):
 NAMED = "exp2_i2d.fits"
 CAL2 = "jw01234001001_02102_00001_nrca1_cal.fits"
 
+def _asn_over(tmp_path, paths):
+    asn = tmp_path / "asn_files.json"
+    asn.write_text(json.dumps({"products": [{"name": "t", "members": [
+        {"expname": str(p), "exptype": "science"} for p in paths]}]}))
+    return asn
+
+
+def _expect_nothing_written(go, folder):
+    def run():
+        try:
+            return go()
+        finally:
+            assert not [p for p in folder.iterdir() if p.is_file()]
+    return run
+
+
+def outputs_same_name(tmp_path):
+    """Members a/same_i2d.fits and b/same_i2d.fits would both write same_wiimatch.fits."""
+    paths = []
+    for k, m in enumerate(i2d_models()):
+        folder = tmp_path / ("a" if k == 0 else "b")
+        folder.mkdir(exist_ok=True)
+        m.meta.filename = "same_i2d.fits" if k < 2 else "other_i2d.fits"
+        m.save(str(folder / m.meta.filename))
+        paths.append(folder / m.meta.filename)
+    asn = _asn_over(tmp_path, paths)
+    (tmp_path / "out").mkdir()
+    return _expect_nothing_written(lambda: via_strun(tmp_path, asn), tmp_path / "out")
+
+
+def output_onto_input(tmp_path):
+    """Matching x_wiimatch.fits files again in their own folder would overwrite them."""
+    paths = []
+    for m in i2d_models():
+        m.meta.filename = m.meta.filename.replace("_i2d", "_wiimatch")
+        m.save(str(tmp_path / m.meta.filename))
+        paths.append(tmp_path / m.meta.filename)
+    asn = _asn_over(tmp_path, paths)
+    return lambda: via_call(str(asn), save_results=True, output_dir=str(tmp_path))
+
+
+def output_is_folder(tmp_path):
+    asn = h.write_asn(i2d_models(), tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "exp2_wiimatch.fits").mkdir()
+    return _expect_nothing_written(lambda: via_strun(tmp_path, asn), tmp_path / "out")
+
+
+def call_on_array(tmp_path):
+    return lambda: via_call(np.zeros((3, 10, 10)))
+
+
 CASES = [
     # arrays whose shape differs from the data's
     Case("dq-shape-strun", dq_shape_strun, ValueError,
@@ -418,15 +470,9 @@ CASES = [
     Case("list-member-not-fits", _broken_member(not_fits, "list"), ValueError,
          ("input 1", NAMED, "FITS")),
     Case("list-member-err-extension-removed", _broken_member(drop_err, "list"), ValueError,
-         ("input 1", NAMED, "ERR"),
-         marks=(pytest.mark.xfail(
-             reason="step.py's _open_model catches only OSError/ValueError/TypeError: "
-                    "use jwst_wiimatch.models.library.open_member there", strict=True),)),
+         ("input 1", NAMED, "ERR")),
     Case("library-member-not-fits", library_member_not_fits, ValueError,
-         ("member 2", "exp3_i2d.fits", "neither a FITS"), needs=("jwst",),
-         marks=(pytest.mark.xfail(
-             reason="step.py's _copy_library borrows through map_function: copy with "
-                    "matching.map_models (or models.library.borrow_member)", strict=True),)),
+         ("member 2", "exp3_i2d.fits", "neither a FITS"), needs=("jwst",)),
     Case("sky-member-truncated", sky_member_truncated, ValueError,
          ("member 1", CAL2, "truncated"), needs=("jwst",)),
     Case("sky-member-missing", sky_member_missing, ValueError,
@@ -458,6 +504,15 @@ CASES = [
     Case("sky-one-resampled", sky_one_resampled, ValueError,
          ("model 2", "already resampled", "cal_step.resample", "WiiMatchStep"),
          needs=("jwst",)),
+    # outputs that would be lost or overwritten: refused before anything is written
+    Case("outputs-same-name-two-folders", outputs_same_name, ValueError,
+         ("outputs 0", "and 1", "same_wiimatch.fits", "would both be written")),
+    Case("output-onto-its-input", output_onto_input, ValueError,
+         ("exp1_wiimatch.fits", "is an input file", "output_dir")),
+    Case("output-path-is-a-folder", output_is_folder, ValueError,
+         ("exp2_wiimatch.fits", "existing folder")),
+    Case("call-on-an-array", call_on_array, TypeError,
+         ("ndarray", "give an association")),
 ]
 
 

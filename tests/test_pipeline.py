@@ -186,8 +186,14 @@ def test_hook_on_resampled_singles(field, tmp_path, how):
 def check_sky_slot_outputs(field, out, degree=(1, 1), subtracted=True, suffix="skymatch"):
     """Checks on the saved skymatch-slot outputs (``x_cal.fits`` saved as
     ``x_<suffix>.fits``: the step's name in the pipeline); returns their paths."""
+    from astropy.io import fits
+
     files = sorted(glob.glob(os.path.join(out, f"*_{suffix}.fits")))
     assert len(files) == 4
+    for path in files:  # what a header reader sees: skymatch's slot was run, by wiimatch
+        hdr = fits.getheader(path)
+        assert hdr["S_SKYMAT"] == "COMPLETE" and hdr["BKGMETH"] == "wiimatch"
+        assert hdr["BKGSUB"] is subtracted
     folder = os.path.dirname(field)
     entries, ras, decs = [], [], []
     for k, path in enumerate(files):
@@ -223,6 +229,9 @@ def test_sky_slot_config_file_and_cmdline_parameters(field, tmp_path):
     run_cmdline([config_path("calwebb_image3_wiimatch.asdf"), field, *SKIP_ARGS,
                  "--steps.skymatch.save_results=true", f"--output_dir={out}"])
     assert os.path.isfile(os.path.join(out, "wiifield_i2d.fits"))
+    from astropy.io import fits
+
+    assert fits.getheader(os.path.join(out, "wiifield_i2d.fits"))["S_SKYMAT"] == "COMPLETE"
     check_sky_slot_outputs(field, out)
 
     # parameters from the command line override the configuration file

@@ -368,11 +368,14 @@ def test_after_skymatch_pending_level():
         t.flat[0] -= lev
     check_recovery(models, out, shifted, ref)
     for m_in, m_out, lev in zip(models, out, levels):
-        assert m_out.meta.background.level == lev
         assert m_out.meta.background.subtracted is True
         assert m_out.meta.wiimatch.instance["pending_level"] == lev
         bkg = adapters.evaluate_background(m_out)
         np.testing.assert_allclose(m_out.data, m_in.data - lev - bkg, atol=1e-4)
+        # BKGLEVEL: now the whole constant level subtracted, L plus the
+        # polynomial's mean over the model's pixels
+        used = np.isfinite(m_in.data) & np.isfinite(bkg)
+        assert m_out.meta.background.level == pytest.approx(lev + bkg[used].mean(), abs=1e-9)
 
 
 def test_after_skymatch_subtracted():
@@ -387,6 +390,23 @@ def test_after_skymatch_subtracted():
         assert m.meta.background.subtracted is True
         assert m.meta.background.level == 0.5
         np.testing.assert_array_equal(m.data, m_in.data)
+
+
+def test_level_accumulates_what_was_subtracted():
+    """Already subtracted (level 0.5) and subtracted again: BKGLEVEL = 0.5 + mean P;
+    a second wiimatch run with subtract=True adds its own mean."""
+    models, _, _ = h.make_models(n=3, degree=1)
+    for m in models:
+        m.meta.background.level = 0.5
+        m.meta.background.subtracted = True
+    once = WiiMatchStep.call(models, degree=1, subtract=True)
+    twice = WiiMatchStep.call(once, degree=1, subtract=True)
+    for m_in, m1, m2 in zip(models, once, twice):
+        removed1 = np.asarray(m_in.data, float) - np.asarray(m1.data, float)
+        assert m1.meta.background.level == pytest.approx(0.5 + np.nanmean(removed1), abs=1e-4)
+        removed2 = np.asarray(m1.data, float) - np.asarray(m2.data, float)
+        assert m2.meta.background.level == pytest.approx(
+            m1.meta.background.level + np.nanmean(removed2), abs=1e-4)
 
 
 # ----------------------------------------------------------------------
@@ -623,3 +643,34 @@ def test_asn_in_memory_false(tmp_path, monkeypatch):
     res = library_models(out)
     check_recovery(models, res, truths, ref)
     assert all(m.meta.background.subtracted for m in res)
+
+
+def test_header_says_background_was_matched(tmp_path):
+    """Read with astropy alone, a saved output says the background was matched, by
+    what, and where the polynomial is; BKGLEVEL is the level subtracted."""
+    from astropy.io import fits
+
+    models, _, _ = h.make_models(n=3, degree=1)
+    asn = h.write_asn(models, tmp_path / "in")
+    WiiMatchStep.call(asn, degree=1, subtract=True, save_results=True,
+                      output_dir=str(tmp_path))
+    for m_in in models:
+        path = tmp_path / m_in.meta.filename.replace("_i2d.fits", "_wiimatch.fits")
+        hdr = fits.getheader(path, 0)
+        assert hdr["BKGMETH"] == "wiimatch" and hdr["BKGSUB"] is True
+        history = " ".join(str(c) for c in hdr.get("HISTORY", []))
+        history = " ".join(history.split())
+        assert "background matched by wiimatch" in history
+        assert "meta.background.polynomial_info[0]" in history
+        with fits.open(path) as hdul:
+            data_out = hdul["SCI"].data.astype(float)
+        # BKGLEVEL: the mean of what was subtracted over the model's finite pixels
+        diff = np.asarray(m_in.data, float) - data_out
+        good = np.isfinite(diff)
+        assert hdr["BKGLEVEL"] == pytest.approx(diff[good].mean(), abs=1e-4)
+        assert abs(hdr["BKGLEVEL"]) > 0.01
+        from stdatamodels.jwst import datamodels
+
+        with datamodels.open(path) as m:
+            entry = m.meta.background.polynomial_info[0].instance
+            assert entry["method"] == "wiimatch" and "xi, eta" in entry["frame"]

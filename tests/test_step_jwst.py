@@ -76,9 +76,13 @@ def test_wiimatch_after_skymatch_pending_level(monkeypatch):
         t.flat[0] -= lev
     # skymatch already removed the constant offsets: what is left is smaller
     check_recovery(models, out, shifted, ref, tol=TOL / 2, min_spread=6)
-    for m, lev in zip(out, levels):
-        assert m.meta.background.level == lev
+    for m_in, m, lev in zip(sky, out, levels):
         assert m.meta.background.subtracted is True
+        # BKGLEVEL: skymatch's level plus the mean of wiimatch's polynomial
+        # over the model's pixels, i.e. the mean of all that was subtracted
+        removed = np.asarray(m_in.data, float) - np.asarray(m.data, float)
+        assert m.meta.background.level == pytest.approx(np.nanmean(removed), abs=1e-4)
+        assert m.meta.wiimatch.instance["pending_level"] == lev
 
 
 def _as_cal(models):

@@ -6,6 +6,8 @@ background frame of :mod:`jwst_wiimatch.models.frame`. ``meta.wiimatch``
 holds the run's diagnostics and says which entry is the latest.
 """
 
+import textwrap
+
 import numpy as np
 
 from ..core import polyval_nd
@@ -13,7 +15,7 @@ from .frame import grid_world, model_lattice, world_to_frame
 
 __all__ = ["pending_level", "polynomial_coefficients", "evaluate_background",
            "latest_entry", "subtract_background", "subtract_polynomial", "record_result",
-           "record_skipped"]
+           "record_skipped", "record_subtracted_level"]
 
 
 def pending_level(model):
@@ -144,13 +146,21 @@ def subtract_background(model, background, level=0.0):
 
     NaN data stay NaN; pixels where the background is not finite are left
     unchanged. The result keeps the data's dtype; arithmetic is float64.
+
+    Returns
+    -------
+    float
+        Mean of ``background`` (without ``level``) over the finite data
+        pixels it was subtracted from; NaN when there are none.
     """
     data = np.asarray(model.data)
-    bkg = np.asarray(background, dtype=np.float64) + float(level)
+    bkg = np.asarray(background, dtype=np.float64)
     good = np.isfinite(bkg)
     new = data.astype(np.float64)
-    new[good] -= bkg[good]
+    new[good] -= bkg[good] + float(level)
     model.data = new.astype(data.dtype, copy=False)
+    used = good & np.isfinite(data)
+    return float(bkg[used].mean()) if used.any() else float("nan")
 
 
 #: Rows of an image evaluated and subtracted at a time by `subtract_polynomial`.
@@ -165,28 +175,39 @@ def subtract_polynomial(model, info, level=0.0):
     lattice of WCS evaluations) only over the box of finite data and a band
     of rows at a time, so no full-grid temporary is made. Cubes, and images
     whose frame is not finite everywhere, go through `evaluate_background`.
+
+    Returns
+    -------
+    float
+        Mean of the polynomial (without ``level``) over the finite data
+        pixels it was subtracted from (NaN when there are none): the constant
+        background level this subtraction removed on average.
     """
     data = np.asarray(model.data)
     lattice = model_lattice(model, _entry(info, "refpoint")[:2]) if data.ndim == 2 else None
     coef = polynomial_coefficients(info)
     if lattice is None or coef.ndim != 2:
-        subtract_background(model, evaluate_background(model, info), level=level)
-        return
+        return subtract_background(model, evaluate_background(model, info), level=level)
     fin_rows = np.flatnonzero(np.isfinite(data).any(axis=1))
     if fin_rows.size == 0:
-        return
+        return float("nan")
     fin_cols = np.flatnonzero(np.isfinite(data[fin_rows[0]:fin_rows[-1] + 1]).any(axis=0))
     cols = slice(int(fin_cols[0]), int(fin_cols[-1]) + 1)
     out = data if data.flags.writeable else data.copy()
+    total, count = 0.0, 0
     for r0 in range(int(fin_rows[0]), int(fin_rows[-1]) + 1, SUBTRACT_ROWS):
         rows = slice(r0, min(r0 + SUBTRACT_ROWS, int(fin_rows[-1]) + 1))
-        bkg = polyval_nd(coef, *lattice.box(rows, cols)) + float(level)
+        bkg = polyval_nd(coef, *lattice.box(rows, cols))
         band = out[rows, cols].astype(np.float64)
         good = np.isfinite(bkg)
-        band[good] -= bkg[good]
+        used = good & np.isfinite(band)
+        total += float(bkg[used].sum())
+        count += int(used.sum())
+        band[good] -= bkg[good] + float(level)
         out[rows, cols] = band
     if out is not data:
         model.data = out
+    return total / count if count else float("nan")
 
 
 def _channel(model):
@@ -242,7 +263,7 @@ def _set_background_flags(model, subtracted_now):
 
 def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
                   npix, rms, rms_before, level, solver,
-                  dqbits, undetermined=()):
+                  dqbits, undetermined=(), cal_step=None):
     """Write one model's result into its metadata (and nothing into its data).
 
     Appends ``{degree, refpoint, coefficients, channel}`` to
@@ -252,6 +273,8 @@ def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
     shared with skymatch), sets ``meta.cal_step.wiimatch = 'COMPLETE'`` and
     writes ``meta.wiimatch`` (frame, reference point, pixels used, residual
     RMS, index of the new entry, indices of entries already subtracted).
+    With ``cal_step`` (e.g. ``'skymatch'``), ``meta.cal_step.<cal_step>``
+    is set to ``'COMPLETE'`` as well.
     """
     subtracted_entries = _prune_unsubtracted(model)
     entries = model.meta.background.polynomial_info
@@ -260,6 +283,9 @@ def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
         "refpoint": [float(v) for v in refpoint],
         "coefficients": [float(c) for c in np.ravel(coefficients)],
         "channel": _channel(model),
+        # the field is shared with mrs_imatch, whose frame differs: say whose
+        "method": "wiimatch",
+        "frame": str(frame),
     }
     entries.append(entry)
     index = len(model.meta.background.polynomial_info) - 1
@@ -267,6 +293,8 @@ def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
         subtracted_entries.append(index)
     _set_background_flags(model, subtract)
     model.meta.cal_step.wiimatch = "COMPLETE"
+    if cal_step:
+        setattr(model.meta.cal_step, cal_step, "COMPLETE")
     model.meta.wiimatch = {
         "status": "COMPLETE",
         "frame": frame,
@@ -284,15 +312,49 @@ def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
         "dqbits": None if dqbits is None else str(dqbits),
         "undetermined_terms": [[int(e) for e in t] for t in undetermined],
     }
+    _add_history(model, degree, refpoint, frame, index)
 
 
-def record_skipped(model, reason, frame=None, npix=0):
-    """Mark a model SKIPPED: ``meta.cal_step.wiimatch`` and ``meta.wiimatch``.
+def _add_history(model, degree, refpoint, frame, index):
+    """FITS HISTORY cards: what matched the background and where the polynomial is."""
+    from .. import __version__
+
+    text = (f"jwst_wiimatch {__version__}: background matched by wiimatch, polynomial "
+            f"degree {[int(d) for d in degree]} in {frame}, refpoint "
+            f"{[round(float(v), 8) for v in refpoint]}; coefficients in the ASDF "
+            f"extension, meta.background.polynomial_info[{int(index)}]")
+    # one card per line, broken between words (a HISTORY card holds 72 characters)
+    for line in textwrap.wrap(text, width=70):
+        model.history.append(line)
+
+
+def record_subtracted_level(model, mean_background):
+    """Add a subtraction's mean to ``meta.background.level`` (BKGLEVEL).
+
+    Called after the polynomial (and any pending level) was subtracted and
+    ``subtracted`` set: the level becomes all the constant background
+    subtracted so far, the level it held (pending, or subtracted before)
+    plus the mean of the polynomial over the model's pixels. With
+    ``subtracted`` True, resample and outlier_detection do not subtract it
+    again.
+    """
+    if np.isfinite(mean_background):
+        bkg = model.meta.background
+        bkg.level = float(bkg.level or 0.0) + float(mean_background)
+        node = _wiimatch_meta(model)
+        node["level_subtracted"] = float(bkg.level)
+        model.meta.wiimatch = node
+
+
+def record_skipped(model, reason, frame=None, npix=0, cal_step=None):
+    """Mark a model SKIPPED: ``meta.cal_step.wiimatch`` (and ``<cal_step>``), ``meta.wiimatch``.
 
     Background metadata and data are left as they are.
     """
     prev = _wiimatch_meta(model)
     model.meta.cal_step.wiimatch = "SKIPPED"
+    if cal_step:
+        setattr(model.meta.cal_step, cal_step, "SKIPPED")
     model.meta.wiimatch = {
         "status": "SKIPPED",
         "reason": str(reason),
