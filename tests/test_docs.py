@@ -4,7 +4,8 @@ The site build needs the ``docs`` extra (``pip install ".[docs]"``) and is
 skipped without Sphinx and numpydoc. The examples of the ``.rst`` pages
 (``>>>`` lines) run as doctests with the runtime dependencies alone; the
 docstring examples of the package run through ``--doctest-modules``
-(``pyproject.toml``).
+(``pyproject.toml``). The shell and Python code blocks of the pages and of
+the README run in ``tests/test_recipes.py``.
 """
 
 import doctest

@@ -34,7 +34,9 @@ variables and exports of a block that only sets variables (such as the
 offline settings of ``docs/pipeline.rst``) hold for the later blocks of its
 page. CRDS cannot be reached (``CRDS_SERVER_URL`` points to an address that
 does not resolve, ``CRDS_PATH`` is empty) and ``STPIPE_DISABLE_CRDS_STEPPARS``
-is unset unless a recipe sets it: a recipe that needs CRDS fails.
+is unset unless a recipe sets it: a recipe that needs CRDS fails. Pages run
+two at a time; a block identical to one already run on another page (same
+commands, settings and data) reuses its outcome.
 
 Commands that install software, need a cluster, CRDS reference files or
 hours of benchmark are checked instead of run, by stand-ins first on
@@ -70,6 +72,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +86,8 @@ HAVE_JWST = importlib.util.find_spec("jwst") is not None
 
 #: wall-clock limit of one block
 TIMEOUT = 300
+#: pages run at a time
+WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 #: blocks that fail because of the code, not the recipe:
 #: {(page, text that identifies the block): reason}; strict, so a fixed bug
@@ -561,18 +567,31 @@ class Outcome:
 
 
 class Pages:
-    """Runs each page's blocks in page order, each at most once."""
+    """Runs each page's blocks in page order, each at most once.
+
+    Pages are independent, so up to ``WORKERS`` pages run at a time. A block
+    identical to one already run (same commands, same variable settings,
+    same kind of data) on another page is not run again: its outcome is
+    reused (the pages' later blocks do not read what such a block writes).
+    """
 
     def __init__(self, root, env):
         self.root, self.env = root, env
         self.done = {}        # block id -> Outcome
+        self.same = {}        # (kind, script) -> [threading.Event, Outcome]
+        self.lock = threading.Lock()
+        self.page_locks = {b.page: threading.Lock() for b in RUNNABLE}
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS)
 
     def folder(self, block):
         kind = data_kind(block)
         path = self.root / re.sub(r"\W", "_", block.page) / kind
         if not path.exists():
-            path.mkdir(parents=True)
-            _DATA[kind](path)
+            partial = path.with_name(kind + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            _DATA[kind](partial)
+            partial.rename(path)
         return path
 
     def prelude(self, block):
@@ -580,44 +599,85 @@ class Pages:
         earlier = [b for b in RUNNABLE if b.page == block.page and b.line < block.line]
         return "\n".join(shell_commands(b) for b in earlier if sets_variables_only(b))
 
-    def run(self, block):
-        for b in RUNNABLE:
-            if b.page == block.page and b.line < block.line and b.id not in self.done:
-                if HAVE_JWST or not needs_jwst(b):
-                    self._run_one(b)
-        if block.id not in self.done:
-            self._run_one(block)
-        return self.done[block.id]
-
-    def _run_one(self, block):
-        cwd = self.folder(block)
-        scratch = self.root / "scripts"
-        scratch.mkdir(exist_ok=True)
-        name = re.sub(r"\W", "_", block.id)
+    def script(self, block):
         if block.kind == "python":
-            code = scratch / f"{name}.py"
+            code = self.root / "scripts" / (re.sub(r"\W", "_", block.id) + ".py")
+            code.parent.mkdir(exist_ok=True)
             code.write_text(block.text + "\n", encoding="utf-8")
             body = f'python "{code}"'
         else:
             body = shell_commands(block)
-        script = f"set -euo pipefail\n{self.prelude(block)}\n{body}\n"
-        path = scratch / f"{name}.sh"
+        return f"set -euo pipefail\n{self.prelude(block)}\n{body}\n"
+
+    def start(self, blocks):
+        """Start the pages of ``blocks``, each up to its last block listed."""
+        last = {}
+        for b in blocks:
+            last[b.page] = max(last.get(b.page, 0), b.line)
+        # the pages with most pipeline runs first
+        order = sorted(last, key=lambda page: -sum(
+            b.text.count("strun") + b.text.count(".call(") for b in RUNNABLE if b.page == page))
+        return {page: self.pool.submit(self._page, page, last[page]) for page in order}
+
+    def run(self, block):
+        self.pool.submit(self._page, block.page, block.line).result()
+        return self.done[block.id]
+
+    def _page(self, page, line):
+        with self.page_locks[page]:
+            for b in RUNNABLE:
+                if b.page == page and b.line <= line and b.id not in self.done:
+                    if HAVE_JWST or not needs_jwst(b):
+                        self.done[b.id] = self._run_once(b)
+
+    def _run_once(self, block):
+        script = self.script(block)
+        key = (data_kind(block), script.replace(str(self.root), ""))
+        if block.kind == "python":
+            key = (data_kind(block), self.prelude(block), block.text)
+        with self.lock:
+            entry = self.same.get(key)
+            owner = entry is None
+            if owner:
+                entry = self.same[key] = [threading.Event(), None, block.id]
+        if not owner:
+            entry[0].wait()
+            first = entry[1]
+            return Outcome(first.rc, f"[same block as {entry[2]}, not run again]\n"
+                           + first.output, first.script, first.cwd)
+        try:
+            entry[1] = self._execute(block, script)
+        finally:
+            if entry[1] is None:
+                entry[1] = Outcome(-1, "[the test harness failed]", script, self.root)
+            entry[0].set()
+        return entry[1]
+
+    def _execute(self, block, script):
+        cwd = self.folder(block)
+        path = self.root / "scripts" / (re.sub(r"\W", "_", block.id) + ".sh")
+        path.parent.mkdir(exist_ok=True)
         path.write_text(script, encoding="utf-8")
         try:
             proc = subprocess.run(["bash", str(path)], cwd=cwd, env=self.env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True, timeout=TIMEOUT)
-            outcome = Outcome(proc.returncode, proc.stdout, script, cwd)
+            return Outcome(proc.returncode, proc.stdout, script, cwd)
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            outcome = Outcome(-1, out + f"\n[timed out after {TIMEOUT} s]", script, cwd)
-        self.done[block.id] = outcome
-        return outcome
+            return Outcome(-1, out + f"\n[timed out after {TIMEOUT} s]", script, cwd)
 
 
 @pytest.fixture(scope="session")
-def pages(recipe_env):
-    return Pages(recipe_env["root"], recipe_env["env"])
+def pages(recipe_env, request):
+    runner = Pages(recipe_env["root"], recipe_env["env"])
+    # start every selected recipe's page now, WORKERS pages at a time
+    selected = [item.callspec.params.get("block") for item in request.session.items
+                if getattr(item, "originalname", None) == "test_recipe"
+                and hasattr(item, "callspec")]
+    runner.start([b for b in selected if isinstance(b, Block)])
+    yield runner
+    runner.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _params(blocks):
@@ -640,6 +700,7 @@ def _params(blocks):
 @pytest.mark.parametrize("block", _params(RUNNABLE))
 def test_recipe(block, pages):
     outcome = pages.run(block)
+    print(f"--- {block.id} in {outcome.cwd} ---\n{outcome.output[-3000:]}")   # shown by -rP
     if outcome.rc != 0:
         pytest.fail(
             f"{block.id}: the {block.kind} recipe failed (exit {outcome.rc}) in "
@@ -711,3 +772,28 @@ def test_docs_doctest_blocks_run_in_test_docs():
     for b in BLOCKS:
         if b.kind == "doctest" and b.source != "README.md":
             assert b.source in pages, b.id
+
+
+def test_configs_copy(tmp_path, capsys):
+    """``python -m jwst_wiimatch.configs --copy``, which the recipes of
+    docs/pipeline.rst run before ``strun <config>.asdf``."""
+    import filecmp
+
+    from jwst_wiimatch.configs import CONFIGS, config_path
+    from jwst_wiimatch.configs.__main__ import main
+
+    assert main([]) == 0
+    assert capsys.readouterr().out.split() == [config_path(n) for n in CONFIGS]
+    target = tmp_path / "cfg"
+    assert main(["--copy", str(target)]) == 0
+    for name in CONFIGS:
+        assert filecmp.cmp(config_path(name), target / name, shallow=False)
+    assert main(["--copy", str(target)]) == 0          # the same files: nothing to do
+    edited = target / CONFIGS[0]
+    edited.write_text(edited.read_text() + "# mine\n")
+    capsys.readouterr()
+    assert main(["--copy", str(target)]) == 1          # an edited copy is kept
+    assert "not overwritten" in capsys.readouterr().err
+    assert edited.read_text().endswith("# mine\n")
+    assert main(["--copy", str(target), "--force"]) == 0
+    assert filecmp.cmp(config_path(CONFIGS[0]), edited, shallow=False)
