@@ -49,7 +49,8 @@ from .core.inputs import check_degree
 from .core.poly import coef_from_scaled
 from .models import frame as fr
 from .models import pixels, records
-from .models.library import borrow_member, member_file, member_label, open_member
+from .models.library import (borrow_member, member_file, member_label, model_group_id,
+                              open_member)
 
 __all__ = ["Outcome", "MatchSummary", "match_models", "apply_outcomes", "map_models",
            "default_threads", "parse_degree"]
@@ -184,6 +185,7 @@ class _Reduced:
     data_eq: np.ndarray = None  # equal weights per input pixel
     sigma_eq: np.ndarray = None
     cells: dict = None  # 'sky' kind: per-cell values and sky positions
+    group_id: str = None  # the model's exposure (meta.group_id), when known
 
 
 def _model_name(model, index):
@@ -257,7 +259,7 @@ def _reduce_grid_model(model, index, dqflags, binning, checker):
     checker.check(model, name)
     data, sigma, mask, level, note = _read_pixels(model, dqflags, name)
     red = _Reduced(name=name, has_err=sigma is not None, err_note=note,
-                   npix=int(np.count_nonzero(mask)))
+                   npix=int(np.count_nonzero(mask)), group_id=model_group_id(model))
     box = valid_box(mask, mask.shape, (0,) * mask.ndim)
     if box is not None:
         _reduce_box(data, sigma, mask, level, box, binning, red)
@@ -337,7 +339,56 @@ def _grid_setup(library, degree, refpoint):
     return checker, degree, ref, func, lattice
 
 
-def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, client):
+def _grid_groups(reduced, groups):
+    """Exposure groups of the grid kind: lists of model indices sharing one polynomial.
+
+    ``groups`` is a list of lists, ``'group_id'`` (models with the same
+    ``meta.group_id``, or the same exposure by ``meta.observation``, share
+    one; models without one stand alone) or None (each model alone).
+    """
+    if groups is None:
+        return [[k] for k in range(len(reduced))]
+    if groups != "group_id":
+        return [list(g) for g in groups]
+    by_id, out = {}, []
+    for k, red in enumerate(reduced):
+        if red.group_id is None:
+            out.append([k])
+        elif red.group_id in by_id:
+            by_id[red.group_id].append(k)
+        else:
+            by_id[red.group_id] = [k]
+            out.append(by_id[red.group_id])
+    return out
+
+
+def _combine_grid_group(members):
+    """One matching image from a group's cutouts: inverse-variance means on their union box."""
+    placed = [r for r in members if r.origin is not None]
+    g = _Reduced(name=members[0].name, npix=sum(r.npix for r in members),
+                 has_err=all(r.has_err for r in members),
+                 err_note=next((r.err_note for r in members if not r.has_err), None))
+    if not placed:
+        g.reason = next((r.reason for r in members if r.reason), None)
+        return g
+    for dkey, skey in (("data_eq", "sigma_eq"), ("data", "sigma")):
+        if any(getattr(r, skey) is None for r in placed):
+            continue
+        parts = []
+        for r in placed:
+            sig = np.asarray(getattr(r, skey), dtype=np.float64)
+            with np.errstate(divide="ignore"):
+                w = np.where(sig > 0, 1.0 / np.square(sig), 0.0)
+            parts.append((r.origin, [w, w * np.asarray(getattr(r, dkey), dtype=np.float64)]))
+        g.origin, (sw, swd) = _union_sums(parts)
+        mean, sigma = weighted_mean(sw, swd)
+        setattr(g, dkey, mean)
+        setattr(g, skey, sigma)
+    return g
+
+
+def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, client,
+                groups=None):
     checker, degree, ref, func, lattice = _grid_setup(library, degree, refpoint)
     ndim = len(checker.shape)
     b = _capped_binning(binning, checker.shape, "the common grid") if ndim == 2 else 1
@@ -349,6 +400,12 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
                          modify=False, threads=threads, progress="read", client=client,
                          read_only=True)
     grid_shape = tuple(-(-n // b) for n in checker.shape) if b > 1 else checker.shape
+    groups = _grid_groups(reduced, groups)
+    shared = [g for g in groups if len(g) > 1]
+    if shared:
+        log.info("wiimatch: %d groups of models share one polynomial each (same exposure): "
+                 "%s", len(shared), "; ".join(
+                     "[" + ", ".join(reduced[k].name for k in g) + "]" for g in shared))
 
     if lattice is not None:
         def image2world(*pix):  # matching-grid cells -> frame coordinates
@@ -368,9 +425,24 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
             image2world=image2world, center_cs="world", solver=solver, threads=threads,
             origins=origins, grid_shape=grid_shape, client=client)
 
-    outcomes, groups = _solve(reduced, engine, lambda c: c)
+    if not shared:
+        outcomes, components = _solve(reduced, engine, lambda c: c)
+    else:
+        gred = [_combine_grid_group([reduced[k] for k in g]) for g in groups]
+        outcomes, components = _spread(reduced, groups, *_solve(gred, engine, lambda c: c))
     return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=frame, binning=b,
-                                  grid_shape=grid_shape, groups=groups)
+                                  grid_shape=grid_shape, groups=components)
+
+
+def _spread(reduced, groups, goutcomes, gcomponents):
+    """Per-model outcomes and components from those of the exposure groups."""
+    outcomes = [None] * len(reduced)
+    for members, go in zip(groups, goutcomes):
+        for k in members:
+            outcomes[k] = Outcome(**{**go.__dict__, "name": reduced[k].name,
+                                     "npix": reduced[k].npix})
+    components = [sorted(k for j in comp for k in groups[j]) for comp in gcomponents]
+    return outcomes, components
 
 
 # ---------------------------------------------------------------------------
@@ -502,19 +574,27 @@ def _reduce_sky_model(model, index, dqflags, ref, step, ref_given):
     return red
 
 
+def _union_sums(parts):
+    """Sum arrays placed at grid origins on the union of their boxes.
+
+    ``parts``: ``[(origin, [array, ...]), ...]`` (every array of a part has
+    the part's shape). Returns ``(origin, [sum, ...])``.
+    """
+    ndim = len(parts[0][0])
+    lo = [min(o[a] for o, _ in parts) for a in range(ndim)]
+    hi = [max(o[a] + arrs[0].shape[a] for o, arrs in parts) for a in range(ndim)]
+    out = [np.zeros([h - l for l, h in zip(lo, hi)]) for _ in parts[0][1]]
+    for origin, arrs in parts:
+        sl = tuple(slice(origin[a] - lo[a], origin[a] - lo[a] + arrs[0].shape[a])
+                   for a in range(ndim))
+        for o, arr in zip(out, arrs):
+            o[sl] += arr
+    return tuple(lo), out
+
+
 def _combine_cells(cells_list, keys):
     """Sum a group's cell sums on the union of their boxes: (origin, sums...)."""
-    y0 = min(c["origin"][0] for c in cells_list)
-    x0 = min(c["origin"][1] for c in cells_list)
-    y1 = max(c["origin"][0] + c["shape"][0] for c in cells_list)
-    x1 = max(c["origin"][1] + c["shape"][1] for c in cells_list)
-    out = [np.zeros((y1 - y0, x1 - x0)) for _ in keys]
-    for c in cells_list:
-        sl = (slice(c["origin"][0] - y0, c["origin"][0] - y0 + c["shape"][0]),
-              slice(c["origin"][1] - x0, c["origin"][1] - x0 + c["shape"][1]))
-        for o, k in zip(out, keys):
-            o[sl] += c[k]
-    return (y0, x0), out
+    return _union_sums([(c["origin"], [c[k] for k in keys]) for c in cells_list])
 
 
 def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, threads, client):
@@ -569,13 +649,7 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
     def to_frame(coef):  # grid-cell units -> degrees of the tangent plane
         return coef_from_scaled(coef[None, :], degree, (0.0, 0.0), (step, step))[0]
 
-    goutcomes, ggroups = _solve(gred, engine, to_frame)
-    outcomes = [None] * len(library)
-    for members, go in zip(groups, goutcomes):
-        for k in members:
-            outcomes[k] = Outcome(**{**go.__dict__, "name": reduced[k].name,
-                                     "npix": reduced[k].npix})
-    groups_models = [sorted(k for j in comp for k in groups[j]) for comp in ggroups]
+    outcomes, groups_models = _spread(reduced, groups, *_solve(gred, engine, to_frame))
     return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=fr.FRAME,
                                   binning=binning, grid_shape=grid_shape,
                                   groups=groups_models)
@@ -642,9 +716,11 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
         ``'grid'``: resampled models on one common grid; ``'sky'``:
         calibrated exposures on their own detector grids (see the module
         documentation).
-    groups : list of list of int, None
-        ``'sky'`` only: models that share one polynomial (exposure groups);
-        default: each model alone.
+    groups : list of list of int, 'group_id' or None
+        Models that share one polynomial (exposure groups): lists of model
+        indices, or (``'grid'`` kind) ``'group_id'``: models of one exposure
+        (same ``meta.group_id``, else same ``meta.observation`` exposure) share
+        one; default: each model alone.
     degree : int or tuple of int
         Polynomial degree per frame axis (xi, eta[, wavelength]).
     refpoint : sequence of float, None
@@ -675,7 +751,7 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
         raise ValueError("the input holds no models: give at least two")
     if kind == "grid":
         return _match_grid(library, degree, refpoint, solver, dqflags, binning, threads,
-                           client)
+                           client, groups=groups)
     if kind == "sky":
         if groups is None:
             groups = [[k] for k in range(len(library))]

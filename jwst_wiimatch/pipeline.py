@@ -109,7 +109,10 @@ class WiiMatchSkyStep(WiiMatchStep):
         with contextlib.ExitStack() as stack:
             scratch = self._scratch_folder(stack, on_disk, keep=not stream)
             library = self._as_library(input_data, scratch)
-            groups = [list(idx) for idx in library.group_indices.values()]
+            if self.group_exposures:  # the detectors of one exposure share a polynomial
+                groups = [list(idx) for idx in library.group_indices.values()]
+            else:  # each detector on its own (jwst issue 9063)
+                groups = [[k] for k in range(len(library))]
             outputs = self._plan_outputs(library, stack, stream)
             if len(groups) < 2:
                 reason = (f"needs at least two exposures to match, got {len(groups)} "

@@ -61,6 +61,7 @@ class WiiMatchStep(Step):
     solver = string(default='RLU')  # linear solver: 'RLU' (LU with image 0 fixed, then zero-sum) or 'PINV' (pseudo-inverse), any case
     dqbits = string(default='~DO_NOT_USE+NON_SCIENCE')  # DQ bit flags of pixels that are used anyway (jwst's convention); '~' inverts: '~DO_NOT_USE+NON_SCIENCE' (default) leaves out pixels with DO_NOT_USE or NON_SCIENCE set; None or '' ignores DQ
     subtract = boolean(default=False)  # subtract each model's polynomial from its data
+    group_exposures = boolean(default=True)  # models of one exposure (same group_id, e.g. its detectors) share one polynomial, as in jwst's skymatch; False matches each model (detector) on its own
     binning = integer(min=1, default=4)  # match on averages of binning x binning blocks of the grid (1: every pixel; reduced for grids under 64*binning pixels a side): smooth backgrounds stay at the noise floor with 16x less memory
     maximum_cores = string(default='all')  # worker threads for reading, matching and subtracting: 'all', 'half', 'quarter', 'none' (one) or a number
     scheduler = string(default=None)  # address of a dask.distributed scheduler (e.g. tcp://host:8786): models kept in files are read and reduced, and the pair sums accumulated, as tasks on its workers (needs the dask extra)
@@ -152,8 +153,9 @@ class WiiMatchStep(Step):
                     "members (or a list of two or more models)"
                 )
             outputs = self._plan_outputs(library, stack, stream)
-            saved = self._match_and_apply(library, stack, stream, solver, threads,
-                                          kind="grid", outputs=outputs)
+            saved = self._match_and_apply(
+                library, stack, stream, solver, threads, kind="grid", outputs=outputs,
+                groups="group_id" if self.group_exposures else None)
         return saved if stream else output
 
     # ------------------------------------------------------------------

@@ -412,6 +412,27 @@ def test_sky_step_exposure_groups(tmp_path, caplog):
     assert err < TOL, (err, spread)
 
 
+def test_sky_step_detectors_separately(tmp_path, caplog):
+    """group_exposures=False (jwst issue 9063): each detector gets its own
+    polynomial, and the differences between exposures are still recovered."""
+    from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+    asn = ph.write_field(str(tmp_path), n=3, detectors=2)
+    with caplog.at_level("INFO", logger="jwst_wiimatch"):
+        lib = WiiMatchSkyStep.call(asn, group_exposures=False)
+    assert "6 exposures in 6 exposure groups" in caplog.text
+    coefs = {}
+    with lib:
+        for i in range(len(lib)):
+            m = lib.borrow(i)
+            k = int(m.meta.observation.exposure_number) - 1
+            coefs.setdefault(k, []).append(entry_of(m)["coefficients"])
+            assert m.meta.cal_step.wiimatch == "COMPLETE"
+            lib.shelve(m, i, modify=False)
+    for members in coefs.values():
+        assert len(members) == 2 and members[0] != members[1]
+
+
 def test_sky_step_standalone_inputs(field, tmp_path):
     """A list of cal models is left unchanged; strun of the step's class path
     on an association saves <member root>_wiimatch.fits."""

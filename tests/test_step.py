@@ -409,6 +409,47 @@ def test_level_accumulates_what_was_subtracted():
             m1.meta.background.level + np.nanmean(removed2), abs=1e-4)
 
 
+def _split_first_model(models):
+    """Models 0a, 0b: the two halves (left/right) of model 0, one exposure (same group_id)."""
+    m0 = models[0]
+    nx = m0.data.shape[-1]
+    cols = np.arange(nx)
+    halves = []
+    for name, keep in (("exp1a_i2d.fits", cols < nx // 2), ("exp1b_i2d.fits", cols >= nx // 2)):
+        m = m0.copy()
+        for arr in ("data", "err"):
+            a = np.array(getattr(m, arr))
+            a[..., ~keep] = np.nan
+            setattr(m, arr, a)
+        m.wht = np.where(keep, m.wht, 0).astype(np.float32)
+        m.meta.filename = name
+        m.meta.group_id = "exposure-1"
+        halves.append(m)
+    return halves + [m.copy() for m in models[1:]]
+
+
+def test_detectors_of_one_exposure_share_a_polynomial(caplog):
+    """The two halves of an exposure (same group_id) matched as one equal the
+    whole exposure matched; group_exposures=False fits them separately."""
+    models, truths, ref = h.make_models(n=3, degree=1)
+    whole = WiiMatchStep.call(models, degree=1)
+    split = _split_first_model(models)
+    with caplog.at_level(logging.INFO, logger="jwst_wiimatch"):
+        grouped = WiiMatchStep.call(split, degree=1)
+    assert "share one polynomial" in caplog.text and "exp1a_i2d.fits" in caplog.text
+    c_whole = [np.asarray(adapters.latest_entry(m)["coefficients"]) for m in whole]
+    c_grp = [np.asarray(adapters.latest_entry(m)["coefficients"]) for m in grouped]
+    np.testing.assert_allclose(c_grp[0], c_whole[0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(c_grp[1], c_whole[0], rtol=1e-9, atol=1e-12)
+    for a, b in zip(c_grp[2:], c_whole[1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+    alone = WiiMatchStep.call(split, degree=1, group_exposures=False)
+    c_alone = [np.asarray(adapters.latest_entry(m)["coefficients"]) for m in alone]
+    assert not np.allclose(c_alone[0], c_alone[1], rtol=1e-6)
+    check_recovery(split, alone, [truths[0], *truths], ref)
+
+
 # ----------------------------------------------------------------------
 # bad inputs
 # ----------------------------------------------------------------------

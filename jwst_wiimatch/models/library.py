@@ -16,7 +16,7 @@ from stpipe.library import AbstractModelLibrary, LibraryError, NoGroupID
 
 __all__ = ["WiiMatchLibrary", "load_association", "SavedOutputs", "outputs_association",
            "member_file", "MemberError", "NamedMembers", "open_member", "member_label",
-           "borrow_member"]
+           "borrow_member", "model_group_id"]
 
 
 def load_association(filename):
@@ -388,6 +388,32 @@ class WiiMatchLibrary(AbstractModelLibrary):
             model.meta.asn.table_name = asn["table_name"]
         if "asn_pool" in asn:
             model.meta.asn.pool_name = asn["asn_pool"]
+
+
+#: The meta.observation attributes that identify one exposure (jwst's group_id).
+_EXPOSURE_KEYS = ("program_number", "observation_number", "visit_number", "visit_group",
+                  "sequence_id", "activity_id", "exposure_number")
+
+
+def model_group_id(model):
+    """The exposure a model belongs to, or None when its metadata do not say.
+
+    ``meta.group_id`` when set (jwst's libraries and skymatch use it), else an
+    id made from the ``meta.observation`` attributes that identify one
+    exposure (program, observation, visit, visit group, sequence, activity,
+    exposure number): the detectors of one exposure get the same id.
+    """
+    group_id = getattr(model.meta, "group_id", None)
+    if group_id:
+        return str(group_id)
+    try:
+        obs = model.meta.observation
+        values = [getattr(obs, key, None) for key in _EXPOSURE_KEYS]
+    except AttributeError:
+        return None
+    if any(v in (None, "") for v in values):
+        return None
+    return "exposure:" + "/".join(str(v) for v in values)
 
 
 class SavedOutputs:
