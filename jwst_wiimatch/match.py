@@ -14,7 +14,8 @@ SUPPORTED_SOLVERS = list(SOLVERS)
 
 
 def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
-              image2world=None, center_cs="image", ext_return=False, solver="RLU"):
+              image2world=None, center_cs="image", ext_return=False, solver="RLU",
+              level="zero_sum", reference=None, levels=None):
     r"""Polynomial backgrounds that match image intensities in the least-squares sense.
 
     Finds, for every image ``n``, the polynomial ``P_n`` that minimises
@@ -66,7 +67,20 @@ def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
     solver : {'RLU', 'PINV'}, optional
         ``'RLU'``: LU solution of the system reduced by holding one image per
         overlapping group at zero; ``'PINV'``: pseudo-inverse solution. Both
-        then shift each group's coefficients to a zero sum over its images.
+        then shift each group's coefficients to a zero sum over its images
+        (with the default ``level``).
+    level : {'zero_sum', 'lowest', 'highest'}, optional
+        Which polynomial common to each connected group the coefficients
+        carry: the zero sum (default, wiimatch's), or jwst skymatch's
+        ``match_down`` convention: the image of lowest (``'lowest'``) or
+        highest (``'highest'``) background, the mean of its polynomial over
+        its own valid pixels, gets coefficients 0 (an addition to wiimatch
+        0.3.2; see :func:`jwst_wiimatch.core.match_backgrounds`).
+    reference : int or sequence of int, None, optional
+        Images held fixed (coefficients 0); the others are fitted to them.
+    levels : sequence of float or None, None, optional
+        Absolute background of each image at the center (NaN/None:
+        unknown); each group's constant is set to agree with them.
 
     Returns
     -------
@@ -115,7 +129,8 @@ def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
     """
     res = match_backgrounds(images, masks=masks, sigmas=sigmas, degree=degree,
                             center=center, image2world=image2world,
-                            center_cs=center_cs, solver=solver)
+                            center_cs=center_cs, solver=solver, level=level,
+                            reference=reference, levels=levels)
     if not ext_return:
         return res.coef
     a, b = res.equations()

@@ -14,8 +14,9 @@ from .accumulate import accumulate
 from .coords import make_frame
 from .inputs import (check_center, check_inputs, check_solver, common_sigma_scale,
                      sigma_unusable)
+from .levels import check_level_args, image_means, level_shifts, pick_extreme
 from .poly import basis_loss, coef_from_scaled, moments_to_basis
-from .solve import MatchWarning, assemble, gram_index, pinv_tol, solve_system
+from .solve import MatchWarning, _components, assemble, gram_index, pinv_tol, solve_system
 
 __all__ = ["MatchResult", "match_backgrounds"]
 
@@ -65,6 +66,18 @@ class MatchResult:
         backgrounds and ``coef`` evaluated in float64 in the documented
         basis (rounding-level unless the center is far from the grid: then a
         :class:`MatchWarning` says how large it is).
+    conventions : list of dict
+        One per entry of ``components``: how the group's common polynomial
+        was chosen. ``convention`` is ``'zero_sum'``, ``'lowest'``,
+        ``'highest'``, ``'reference'`` or ``'isolated'`` (an image alone:
+        coefficients 0); ``reference`` lists the images held at 0 (the
+        lowest or highest image, or the group's reference images);
+        ``level_shift`` is the constant added to match ``levels`` (None when
+        none was given for the group, or without ``levels``).
+    mean_background : numpy.ndarray, None
+        ``(N,)`` mean of each image's zero-sum polynomial over its own valid
+        pixels, by which ``'lowest'`` / ``'highest'`` chose (None when not
+        computed).
     """
 
     coef: np.ndarray
@@ -81,6 +94,8 @@ class MatchResult:
     frame: object = field(repr=False, default=None)
     moments: object = field(repr=False, default=None)
     basis_loss: float = 0.0
+    conventions: list = field(default_factory=list)
+    mean_background: np.ndarray = None
 
     def equations(self):
         """The normal equations ``(a, b)`` in the documented (unscaled) basis."""
@@ -179,7 +194,8 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
 
 def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
                       image2world=None, center_cs="image", solver="RLU", threads=None,
-                      origins=None, grid_shape=None, client=None):
+                      origins=None, grid_shape=None, client=None, level="zero_sum",
+                      reference=None, levels=None):
     """Match the backgrounds of images on one grid; full result with diagnostics.
 
     Takes the arguments of :func:`jwst_wiimatch.match.match_lsq` (without
@@ -209,6 +225,28 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         Accumulate the pair sums as tasks on this dask cluster (the images,
         and ``image2world``, are sent to its workers); the result equals the
         local one.
+    level : {'zero_sum', 'lowest', 'highest'}
+        Which polynomial common to a connected group of images the solution
+        carries (matching cannot tell): ``'zero_sum'`` (default, wiimatch's
+        normalisation): every coefficient sums to 0 over the group;
+        ``'lowest'`` (jwst skymatch's ``match_down=True``): the image whose
+        background, the mean of its polynomial over its own valid pixels,
+        is lowest keeps it (its coefficients are 0) and the others are
+        fitted to it; ``'highest'`` (``match_down=False``): the same with
+        the highest. See ``docs/algorithm.rst``, "Level conventions".
+    reference : int or sequence of int, None
+        Images held fixed: their coefficients are 0 and the other images of
+        their groups are fitted to them (a constrained least-squares fit:
+        their unknowns are dropped from the group's normal equations). A
+        group without a reference image follows ``level``, with a
+        :class:`MatchWarning` naming it.
+    levels : sequence of float or None, None
+        Absolute background level of each image at the center (``X = 0``),
+        NaN or None where unknown. Each group's polynomials are shifted by
+        one constant, chosen so that their values at the center agree with
+        the given levels in the least-squares sense (the mean of the
+        differences); the other terms follow ``level``. A group without a
+        level is named in a :class:`MatchWarning`. Not with ``reference``.
 
     Examples
     --------
@@ -234,11 +272,28 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
                                      threads=threads, origins=origins,
                                      grid_shape=grid_shape, client=client)
     n = len(prob.images)
+    level, refs, lev = check_level_args(level, reference, levels, n)
     a_u, b_u = assemble(n, prob.degree, mom.S, mom.T)
     tol = pinv_tol(prob.images[0].dtype) if method == "PINV" else None
-    coef_u, info = solve_system(a_u, b_u, n, method=method, tol=tol, degree=prob.degree,
-                                reasons=prob.unusable)
+    solve = dict(method=method, tol=tol, degree=prob.degree, reasons=prob.unusable)
+    if level == "zero_sum" and refs is None:  # wiimatch's normalisation
+        coef_u, info = solve_system(a_u, b_u, n, **solve)
+        conventions = [{"convention": "zero_sum" if len(c) > 1 else "isolated",
+                        "reference": [], "level_shift": None} for c in info.components]
+        means = None
+    else:
+        coef_u, info, conventions, means = _solve_with_level(
+            a_u, b_u, n, solve, level, refs, prob, frame)
     coef = coef_from_scaled(coef_u, prob.degree, frame.shift, frame.scale)
+    if lev is not None:
+        comps = [c for c in info.components if len(c) > 1]
+        shifts = level_shifts(comps, coef, lev)
+        for g, k in shifts.items():
+            coef_u[comps[g], 0] += k
+            coef[comps[g], 0] += k
+        groups = [i for i, c in enumerate(info.components) if len(c) > 1]
+        for g, k in shifts.items():
+            conventions[groups[g]]["level_shift"] = k
     loss = _check_basis_loss(coef_u, coef, prob.degree, frame)
     rms, rms_before, pair_npix = _residuals(mom, coef_u, prob.degree)
     log.debug("matched %d images (%d overlapping pairs) in %.3f s",
@@ -248,7 +303,53 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         coord_system=frame.coord_system, npix=mom.image_npix, pair_npix=pair_npix,
         rms=rms, rms_before=rms_before, components=info.components,
         isolated=info.isolated, undetermined=info.undetermined, frame=frame, moments=mom,
-        basis_loss=loss)
+        basis_loss=loss, conventions=conventions, mean_background=means)
+
+
+def _solve_with_level(a_u, b_u, n, solve, level, refs, prob, frame):
+    """Solve with reference images or the lowest / highest image of each group held at 0.
+
+    Returns ``(coef_u, info, conventions, means)`` (see :class:`MatchResult`).
+    """
+    nterms = b_u.size // n
+    comps = _components(a_u, n, nterms) if n > 1 else [[0]]
+    fixed, conv, fallback = set(), [], []
+    for comp in comps:
+        held = [i for i in comp if refs is not None and i in refs]
+        if len(comp) == 1:
+            conv.append({"convention": "isolated", "reference": [], "level_shift": None})
+        elif held:
+            fixed.update(held)
+            conv.append({"convention": "reference", "reference": held, "level_shift": None})
+        else:
+            if refs is not None:
+                fallback.append(comp)
+            conv.append({"convention": level, "reference": [], "level_shift": None})
+    if fallback:
+        desc = "; ".join("[" + ", ".join(str(i) for i in c) + "]" for c in fallback)
+        warnings.warn(
+            f"no reference image in the group(s) of images {desc}: their common level "
+            f"follows level={level!r} instead.", MatchWarning, stacklevel=3)
+    means = None
+    extreme = [g for g, c in enumerate(conv) if c["convention"] in ("lowest", "highest")]
+    if extreme:
+        coef0, _ = solve_system(a_u, b_u, n, quiet=True, **solve)
+        table = image_means(prob, frame)
+        picks, means = pick_extreme([comps[g] for g in extreme], coef0, table,
+                                    highest=level == "highest")
+        for j, g in enumerate(extreme):
+            conv[g]["reference"] = [picks[j]]
+            fixed.add(picks[j])
+    note = {"zero_sum": "with the sum of its coefficients set to 0",
+            "lowest": "with the polynomial of its image of lowest background set to 0",
+            "highest": "with the polynomial of its image of highest background set to 0"}
+    if refs is not None:
+        note = ("with the polynomials of its reference images set to 0 (groups without "
+                f"one: {note[level]})")
+    else:
+        note = note[level]
+    coef_u, info = solve_system(a_u, b_u, n, fixed=fixed, group_note=note, **solve)
+    return coef_u, info, conv, means
 
 
 def _check_basis_loss(coef_u, coef, degree, frame):

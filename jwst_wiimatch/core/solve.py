@@ -11,6 +11,11 @@ connected group of the overlap graph at a time:
 * the group's coefficients are then shifted so that, for every term, their
   sum over the group's images is zero (the normalisation of wiimatch 0.3.2).
 
+With ``fixed`` images (a reference set), a group holding some of them is
+solved instead with those images' unknowns dropped from its normal equations
+(their polynomials are 0: a constrained least-squares fit), and no shift
+follows; groups without a fixed image keep the zero sum.
+
 Images that overlap no other image get zeros. When the overlaps do not
 determine some terms (an overlap that is a line, say), the solution is not
 unique; of the least-squares solutions we return the one in which a set of
@@ -169,7 +174,7 @@ def _pick_rows(q, priority):
     return sel
 
 
-def _zero_free_terms(sub, null, d, priority):
+def _zero_free_terms(sub, null, d, priority, free=None):
     """Among the least-squares solutions of a group, one with free terms set to 0.
 
     Parameters
@@ -185,6 +190,12 @@ def _zero_free_terms(sub, null, d, priority):
         when choosing which to set to zero).
     priority : numpy.ndarray, shape (M,)
         Preference of each term (its total degree): higher first.
+    free : sequence of int, None
+        With fixed images: the group's images (positions within the group)
+        whose unknowns make the reduced system (``null`` then has
+        ``len(free) M`` rows); the others are held at 0 and stay 0, and no
+        zero-sum shift is made. None: the reduced system is the group's
+        images but the first, with the zero-sum normalisation.
 
     Returns
     -------
@@ -203,11 +214,14 @@ def _zero_free_terms(sub, null, d, priority):
     g, m = sub.shape
     k = null.shape[1]
     z = np.zeros((g, m, k))
-    z[1:] = null.reshape(g - 1, m, k)
-    z -= z.mean(axis=0)
+    if free is None:
+        z[1:] = null.reshape(g - 1, m, k)
+        z -= z.mean(axis=0)
+    else:  # fixed images: their rows stay 0 (and are never chosen)
+        z[list(free)] = null.reshape(len(free), m, k)
     z = z.reshape(g * m, k)
     # weigh each term like the equilibrated system does, to choose the rows
-    w = np.tile(d.reshape(g - 1, m).max(axis=0), g)
+    w = np.tile(d.reshape(-1, m).max(axis=0), g)
     q, _ = np.linalg.qr(z * w[:, None])
     sel = _pick_rows(q, np.tile(np.asarray(priority), g))
     flat = sub.ravel().copy()
@@ -232,7 +246,7 @@ def _zero_free_terms(sub, null, d, priority):
 
 
 def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=None,
-                 reasons=None):
+                 reasons=None, fixed=None, quiet=False, group_note=None):
     """Solve the normal equations group by group (see the module docstring).
 
     Parameters
@@ -252,6 +266,16 @@ def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=N
     reasons : dict, None
         ``{image: text}``: why an image has no usable pixel (e.g. its
         sigmas), said in the warning about images that overlap nothing.
+    fixed : collection of int, None
+        Images held at zero (a reference set): in every group that holds
+        some, their unknowns are dropped from the group's normal equations
+        and the other images are fitted to them (no zero-sum shift). Groups
+        without a fixed image are normalised to the zero sum.
+    quiet : bool
+        Issue no warning (the caller solves again, or reports itself).
+    group_note : str, None
+        How each group's common polynomial was chosen, as said in the
+        warning about groups that do not overlap (default: the zero sum).
 
     Returns
     -------
@@ -283,26 +307,37 @@ def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=N
         terms = list(range(nterms))
         priority = np.arange(nterms)
 
+    fixed = set() if fixed is None else {int(i) for i in fixed}
     for comp in info.components:
         if len(comp) == 1:
             info.isolated.append(comp[0])
             continue
-        rows = np.concatenate([np.arange(i * nterms, (i + 1) * nterms) for i in comp[1:]])
-        x, null, d = _solve_reduced(a[np.ix_(rows, rows)], b[rows], method, tol)
+        held = [j for j, i in enumerate(comp) if i in fixed]
+        free = [j for j in range(len(comp)) if j not in held] if held else None
+        reduced = comp[1:] if free is None else [comp[j] for j in free]
         sub = np.zeros((len(comp), nterms))
-        sub[1:] = x.reshape(len(comp) - 1, nterms)
-        sub -= sub.mean(axis=0)
+        if not reduced:  # every image of the group is held at zero
+            coef[comp] = sub
+            continue
+        rows = np.concatenate([np.arange(i * nterms, (i + 1) * nterms) for i in reduced])
+        x, null, d = _solve_reduced(a[np.ix_(rows, rows)], b[rows], method, tol)
+        if free is None:
+            sub[1:] = x.reshape(len(comp) - 1, nterms)
+            sub -= sub.mean(axis=0)
+        else:
+            sub[free] = x.reshape(len(free), nterms)
         if null is not None:
-            sub, zeroed = _zero_free_terms(sub, null, d, priority)
+            sub, zeroed = _zero_free_terms(sub, null, d, priority, free=free)
             info.undetermined.extend((comp[i], terms[t]) for i, t in zeroed)
         coef[comp] = sub
 
     info.undetermined.sort()
-    _warn(info, n, ids, reasons or {})
+    if not quiet:
+        _warn(info, n, ids, reasons or {}, group_note)
     return coef, info
 
 
-def _warn(info, n, ids, reasons):
+def _warn(info, n, ids, reasons, group_note=None):
     if n == 1:
         warnings.warn(
             "only one image was given: there is nothing to match it to, its "
@@ -324,9 +359,10 @@ def _warn(info, n, ids, reasons):
     groups = [c for c in info.components if len(c) > 1]
     if len(groups) > 1:
         desc = "; ".join("[" + ", ".join(str(ids[i]) for i in c) + "]" for c in groups)
+        how = group_note or "with the sum of its coefficients set to 0"
         warnings.warn(
             f"the images form {len(groups)} groups that do not overlap each other ({desc}): "
-            "each group is matched separately, with the sum of its coefficients set to 0; "
+            f"each group is matched separately, {how}; "
             "levels of different groups are not related.", MatchWarning, stacklevel=4)
     if info.undetermined:
         by_image = {}
