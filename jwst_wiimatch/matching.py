@@ -325,6 +325,7 @@ def _grid_setup(library, degree, refpoint):
     with _first_model(library) as model:
         name = _model_name(model, 0)
         checker = fr.GridChecker(model, name)
+        _check_not_empty(checker.shape, name)
         ndim = len(checker.shape)
         degree = parse_degree(degree, ndim)
         ref = fr.check_refpoint(refpoint, ndim)
@@ -337,6 +338,13 @@ def _grid_setup(library, degree, refpoint):
         func = fr.frame_function(model.meta.wcs, ref)
         lattice = fr.model_lattice(model, ref) if ndim == 2 else None
     return checker, degree, ref, func, lattice
+
+
+def _check_not_empty(shape, name):
+    """ValueError naming ``name`` when its data have an axis of length 0."""
+    if 0 in tuple(shape):
+        raise ValueError(f"{name}: its data array has shape {tuple(shape)}, with an axis of "
+                         "length 0: there are no pixels to match; check the file")
 
 
 def _grid_groups(reduced, groups):
@@ -488,6 +496,7 @@ def _check_exposure(model, name):
     if len(shape) != 2:
         raise ValueError(f"{name}: data is {len(shape)}-D; the skymatch slot takes 2-D "
                          "calibrated images")
+    _check_not_empty(shape, name)
     return fr._get_wcs(model, name, fix=_NO_WCS_SKY)
 
 

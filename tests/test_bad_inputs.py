@@ -426,6 +426,18 @@ def output_is_folder(tmp_path):
     return _expect_nothing_written(lambda: via_strun(tmp_path, asn), tmp_path / "out")
 
 
+def empty_grid(tmp_path):
+    """Models whose data have an axis of length 0."""
+    from stdatamodels.jwst.datamodels import ImageModel
+
+    models = []
+    for m in i2d_models():
+        e = ImageModel(data=np.zeros((0, SHAPE[1]), np.float32))
+        e.meta.wcs, e.meta.filename = m.meta.wcs, m.meta.filename
+        models.append(e)
+    return lambda: via_call(models)
+
+
 def call_on_array(tmp_path):
     return lambda: via_call(np.zeros((3, 10, 10)))
 
@@ -511,6 +523,8 @@ CASES = [
          ("exp1_wiimatch.fits", "is an input file", "output_dir")),
     Case("output-path-is-a-folder", output_is_folder, ValueError,
          ("exp2_wiimatch.fits", "existing folder")),
+    Case("empty-grid", empty_grid, ValueError, ("model 0", "exp1_i2d.fits", "(0, 40)",
+                                                "length 0")),
     Case("call-on-an-array", call_on_array, TypeError,
          ("ndarray", "give an association")),
 ]
