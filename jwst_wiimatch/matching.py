@@ -37,12 +37,13 @@ import gc
 import itertools
 import logging
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .core import match_backgrounds
+from .core import MatchWarning, match_backgrounds
 from .core.accumulate import valid_box
 from .core.binning import bin_image, weighted_mean
 from .core.inputs import check_degree
@@ -52,7 +53,7 @@ from .models import pixels, records
 from .models.library import (borrow_member, member_file, member_label, model_group_id,
                               open_member)
 
-__all__ = ["Outcome", "MatchSummary", "match_models", "apply_outcomes", "map_models",
+__all__ = ["Outcome", "MatchSummary", "LevelChoice", "match_models", "apply_outcomes", "map_models",
            "default_threads", "parse_degree"]
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,9 @@ class Outcome:
     rms: float = np.nan
     rms_before: float = np.nan
     undetermined: list = field(default_factory=list)
+    #: how the group's common level was chosen (``meta.wiimatch`` keys
+    #: ``level_convention``, ``level_reference`` and ``level_shift``)
+    level: dict = None
 
     @property
     def matched(self):
@@ -396,7 +400,7 @@ def _combine_grid_group(members):
 
 
 def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, client,
-                groups=None):
+                groups=None, level=None):
     checker, degree, ref, func, lattice = _grid_setup(library, degree, refpoint)
     ndim = len(checker.shape)
     b = _capped_binning(binning, checker.shape, "the common grid") if ndim == 2 else 1
@@ -427,17 +431,18 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
 
     frame = fr.FRAME_CUBE if ndim == 3 else fr.FRAME
 
-    def engine(images, sigmas, origins):
+    def engine(images, sigmas, origins, **level_args):
         return match_backgrounds(
             images, masks=None, sigmas=sigmas, degree=degree, center=(0.0,) * ndim,
             image2world=image2world, center_cs="world", solver=solver, threads=threads,
-            origins=origins, grid_shape=grid_shape, client=client)
+            origins=origins, grid_shape=grid_shape, client=client, **level_args)
 
     if not shared:
-        outcomes, components = _solve(reduced, engine, lambda c: c)
+        outcomes, components = _solve(reduced, engine, lambda c: c, level=level)
     else:
         gred = [_combine_grid_group([reduced[k] for k in g]) for g in groups]
-        outcomes, components = _spread(reduced, groups, *_solve(gred, engine, lambda c: c))
+        outcomes, components = _spread(reduced, groups, *_solve(
+            gred, engine, lambda c: c, level=level, members=groups))
     return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=frame, binning=b,
                                   grid_shape=grid_shape, groups=components)
 
@@ -606,7 +611,8 @@ def _combine_cells(cells_list, keys):
     return _union_sums([(c["origin"], [c[k] for k in keys]) for c in cells_list])
 
 
-def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, threads, client):
+def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, threads, client,
+               level=None):
     degree = parse_degree(degree, 2)
     ref, step, binning = _sky_setup(library, refpoint, binning)
     log.info("wiimatch: reading %d exposures onto a grid of %.3g arcsec cells (%d input "
@@ -650,15 +656,17 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
     log.info("wiimatch: matching %d exposure groups on a %dx%d grid", len(groups),
              grid_shape[1], grid_shape[0])
 
-    def engine(images, sigmas, origins):
+    def engine(images, sigmas, origins, **level_args):
         return match_backgrounds(images, masks=None, sigmas=sigmas, degree=degree,
                                  center=center, solver=solver, threads=threads,
-                                 origins=origins, grid_shape=grid_shape, client=client)
+                                 origins=origins, grid_shape=grid_shape, client=client,
+                                 **level_args)
 
     def to_frame(coef):  # grid-cell units -> degrees of the tangent plane
         return coef_from_scaled(coef[None, :], degree, (0.0, 0.0), (step, step))[0]
 
-    outcomes, groups_models = _spread(reduced, groups, *_solve(gred, engine, to_frame))
+    outcomes, groups_models = _spread(reduced, groups, *_solve(
+        gred, engine, to_frame, level=level, members=groups))
     return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=fr.FRAME,
                                   binning=binning, grid_shape=grid_shape,
                                   groups=groups_models)
@@ -667,8 +675,105 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
 # ---------------------------------------------------------------------------
 # the solve, shared by both kinds
 # ---------------------------------------------------------------------------
-def _solve(reduced, engine, to_frame):
-    """Run the engine on the usable reduced images; one Outcome per reduced image."""
+#: Names of the engine's level conventions in ``meta.wiimatch['level_convention']``.
+_CONVENTION_NAMES = {"zero_sum": "zero_sum", "lowest": "match_down",
+                     "highest": "match_up", "reference": "reference"}
+
+
+@dataclass
+class LevelChoice:
+    """Which polynomial common to a group of overlapping models the results carry.
+
+    Matching fixes backgrounds only up to one polynomial common to each
+    connected group (see ``docs/step.rst``, "The level of the matched
+    backgrounds").
+
+    Attributes
+    ----------
+    match_down : bool, None
+        jwst skymatch's ``match_down``: True: the model of lowest background
+        (the mean of its zero-sum polynomial over its own valid pixels) keeps
+        it, its polynomial 0; False: the highest; None: the zero sum.
+    reference : list of int, None
+        Models held fixed (polynomials 0); a group without one follows
+        ``match_down`` (a warning names it).
+    levels : list of float, None
+        Per model, its absolute background at the refpoint (NaN: unknown):
+        each group's constant is set to agree with them (least squares).
+    """
+
+    match_down: bool = None
+    reference: list = None
+    levels: list = None
+
+    def engine_args(self, members):
+        """Keyword arguments of ``match_backgrounds`` for images made of ``members``.
+
+        ``members[j]``: the model indices that make engine image ``j`` (an
+        exposure group shares one polynomial): it is a reference when one of
+        them is; its level is the mean of its members' given levels.
+        """
+        level = {None: "zero_sum", True: "lowest", False: "highest"}[
+            None if self.match_down is None else bool(self.match_down)]
+        args = {"level": level}
+        if self.reference:
+            refs = set(self.reference)
+            args["reference"] = [j for j, m in enumerate(members) if refs & set(m)]
+            if not args["reference"]:  # no reference model can be matched
+                args["reference"] = None
+                args["no_reference"] = True
+        if self.levels is not None:
+            vals = []
+            for m in members:
+                given = [float(self.levels[k]) for k in m if np.isfinite(self.levels[k])]
+                vals.append(float(np.mean(given)) if given else np.nan)
+            args["levels"] = vals if np.isfinite(vals).any() else None
+        return args
+
+
+def _engine_level_args(level, members):
+    """Engine keyword arguments of a `LevelChoice` (None: the engine's default)."""
+    if level is None:
+        return {}
+    return level.engine_args(members)
+
+
+def _record_levels(outcomes, usable, result, names, args):
+    """Set each matched outcome's ``level`` from the engine's per-group conventions."""
+    conventions = getattr(result, "conventions", None) or []
+    for comp, conv in zip(result.components, conventions):
+        models = [usable[j] for j in comp]
+        if len(comp) > 1 and (args.get("reference") or args.get("no_reference")) \
+                and conv["convention"] != "reference":
+            log.warning("wiimatch: no reference model in the group [%s]: its common level "
+                        "follows match_down=%s instead",
+                        ", ".join(names[k] for k in models),
+                        {"zero_sum": "None (zero sum)", "lowest": "True",
+                         "highest": "False"}[conv["convention"]])
+        if len(comp) > 1 and args.get("levels") is not None and conv["level_shift"] is None:
+            log.warning("wiimatch: no level given for any model of the group [%s]: its "
+                        "common level follows the convention %s",
+                        ", ".join(names[k] for k in models),
+                        _CONVENTION_NAMES.get(conv["convention"], conv["convention"]))
+        for j, k in zip(comp, models):
+            if not outcomes[k].matched:
+                continue
+            name = _CONVENTION_NAMES.get(conv["convention"], conv["convention"])
+            info = {"level_convention": name,
+                    "level_reference": bool(j in conv["reference"])}
+            if conv.get("level_shift") is not None:
+                info["level_convention"] = "levels"
+                info["level_shift"] = float(conv["level_shift"])
+            outcomes[k].level = info
+
+
+def _solve(reduced, engine, to_frame, level=None, members=None):
+    """Run the engine on the usable reduced images; one Outcome per reduced image.
+
+    ``level`` (a `LevelChoice`) chooses each group's common level;
+    ``members[k]`` lists the models that make reduced image ``k`` (default:
+    model ``k``).
+    """
     n = len(reduced)
     names = [r.name for r in reduced]
     outcomes = [Outcome(name=r.name, npix=r.npix) for r in reduced]
@@ -683,7 +788,14 @@ def _solve(reduced, engine, to_frame):
         return outcomes, [[k] for k in usable]
     images, sigmas = _select_weights(reduced, usable, names)
     origins = [reduced[k].origin for k in usable]
-    result = engine(images, sigmas, origins)
+    members = [[k] for k in range(n)] if members is None else members
+    args = _engine_level_args(level, [members[k] for k in usable])
+    with warnings.catch_warnings():
+        # said below with model names
+        warnings.filterwarnings("ignore", "no reference image in the group|no level was "
+                                "given", MatchWarning)
+        result = engine(images, sigmas, origins,
+                        **{k: v for k, v in args.items() if k != "no_reference"})
     for j, k in enumerate(usable):
         o = outcomes[k]
         if result.npix[j] == 0:
@@ -698,6 +810,8 @@ def _solve(reduced, engine, to_frame):
             o.rms_before = float(result.rms_before[j])
             o.undetermined = [tuple(int(e) for e in t[1]) for t in result.undetermined
                               if t[0] == j]
+    if level is not None:
+        _record_levels(outcomes, usable, result, names, args)
     groups = [[usable[j] for j in comp] for comp in result.components]
     matched = [g for g in groups if any(outcomes[k].matched for k in g)]
     if len(matched) > 1:
@@ -714,7 +828,7 @@ def _solve(reduced, engine, to_frame):
 
 def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
                  solver="RLU", dqbits=pixels.DEFAULT_DQBITS, binning=1, threads=None,
-                 client=None):
+                 client=None, level=None):
     """Match the backgrounds of the models of a library.
 
     Parameters
@@ -745,6 +859,9 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
     client : dask.distributed.Client, None
         Run the reading of models kept in files, and the engine's pair sums,
         as tasks on this dask cluster (see ``docs/performance.rst``).
+    level : LevelChoice, None
+        How the common level of each group of overlapping models is chosen
+        (None: the zero sum, without recording it in the outcomes).
 
     Returns
     -------
@@ -760,19 +877,20 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
         raise ValueError("the input holds no models: give at least two")
     if kind == "grid":
         return _match_grid(library, degree, refpoint, solver, dqflags, binning, threads,
-                           client, groups=groups)
+                           client, groups=groups, level=level)
     if kind == "sky":
         if groups is None:
             groups = [[k] for k in range(len(library))]
         return _match_sky(library, groups, degree, refpoint, solver, dqflags, binning,
-                          threads, client)
+                          threads, client, level=level)
     raise ValueError(f"kind={kind!r} must be 'grid' or 'sky'")
 
 
 # ---------------------------------------------------------------------------
 # writing results back
 # ---------------------------------------------------------------------------
-def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra, cal_step):
+def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra, cal_step,
+               level_for_resample=False):
     if not outcome.matched:
         records.record_skipped(model, outcome.reason, frame=summary.frame, npix=outcome.npix,
                                cal_step=cal_step)
@@ -784,17 +902,23 @@ def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra, cal_ste
         coefficients=outcome.coefficients, subtract=subtract, frame=summary.frame,
         npix=outcome.npix, rms=outcome.rms, rms_before=outcome.rms_before, level=level,
         solver=solver, dqbits=dqbits, undetermined=outcome.undetermined, cal_step=cal_step)
-    if extra:
-        model.meta.wiimatch = {**model.meta.wiimatch.instance, **extra}
+    if extra or outcome.level:
+        model.meta.wiimatch = {**model.meta.wiimatch.instance, **(extra or {}),
+                               **(outcome.level or {})}
     if subtract:
         entry = {"degree": list(summary.degree), "refpoint": summary.refpoint,
                  "coefficients": outcome.coefficients}
         mean = records.subtract_polynomial(model, entry, level=level)
         records.record_subtracted_level(model, mean)
+    elif level_for_resample and model.meta.background.subtracted is False:
+        entry = {"degree": list(summary.degree), "refpoint": summary.refpoint,
+                 "coefficients": outcome.coefficients}
+        records.record_pending_level(model, level + records.polynomial_mean(model, entry))
 
 
 def apply_outcomes(library, outcomes, summary, *, subtract, solver, dqbits, threads=None,
-                   extra=None, after=None, client=None, cal_step=None):
+                   extra=None, after=None, client=None, cal_step=None,
+                   level_for_resample=False):
     """Record each model's outcome in its metadata and subtract it when asked.
 
     The polynomial is evaluated on each model's own pixels through its own
@@ -814,6 +938,12 @@ def apply_outcomes(library, outcomes, summary, *, subtract, solver, dqbits, thre
         Name of the jwst step this run stands in for (``'skymatch'`` in
         the skymatch slot): its ``meta.cal_step`` status (``S_SKYMAT``) is
         set too.
+    level_for_resample : bool
+        Without ``subtract``: set ``meta.background.level`` of each matched
+        model whose background is not subtracted to its pending level plus
+        the mean of its polynomial over its pixels, as jwst's skymatch
+        records its levels, so that resample and outlier_detection subtract
+        that constant (the skymatch slot).
 
     Returns
     -------
@@ -821,7 +951,8 @@ def apply_outcomes(library, outcomes, summary, *, subtract, solver, dqbits, thre
         What ``after`` returned for each model (None without ``after``).
     """
     def one(model, k):
-        _apply_one(model, outcomes[k], summary, subtract, solver, dqbits, extra, cal_step)
+        _apply_one(model, outcomes[k], summary, subtract, solver, dqbits, extra, cal_step,
+                   level_for_resample)
         return after(model, k) if after is not None else None
 
     return map_models(library, one, modify=after is None, threads=threads,

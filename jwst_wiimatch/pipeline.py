@@ -69,6 +69,12 @@ class WiiMatchSkyStep(WiiMatchStep):
         "subtract = boolean(default=True)  # subtract each exposure's polynomial from its data "
         "(needed for a matched i2d)",
     ).replace(
+        "match_down = boolean(default=None)  # level of the matched backgrounds (jwst "
+        "skymatch's parameter and meaning): True:",
+        "match_down = boolean(default=True)  # level of the matched backgrounds (jwst "
+        "skymatch's parameter and meaning): True (default here, as in skymatch):",
+    ).replace("; None (default here): zero sum", "; None: zero sum",
+    ).replace(
         "binning = integer(min=1, default=4)  # match on averages of binning x binning blocks "
         "of the grid (1: every pixel; reduced for grids under 64*binning pixels a side): "
         "smooth backgrounds stay at the noise floor with 16x less memory",
@@ -131,7 +137,7 @@ class WiiMatchSkyStep(WiiMatchStep):
                                           kind="sky", groups=groups,
                                           extra={"matched_on": MATCHED_ON},
                                           library_class=_SavedModelLibrary, outputs=outputs,
-                                          cal_step="skymatch")
+                                          cal_step="skymatch", level_for_resample=True)
         return saved if stream else library
 
     # ------------------------------------------------------------------

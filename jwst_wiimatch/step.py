@@ -21,8 +21,8 @@ from stpipe.datamodel import AbstractDataModel
 from stpipe.library import AbstractModelLibrary
 
 from .core.inputs import check_solver
-from .matching import (apply_outcomes, default_threads, map_models, match_models,
-                       parse_degree)
+from .matching import (LevelChoice, apply_outcomes, default_threads, map_models,
+                       match_models, parse_degree)
 from .models import WiiMatchLibrary, check_association
 from .models.library import SavedLibrary, member_file, open_member, outputs_association
 from .models.outputs import OutputSet, remove_known_suffix, save_atomically
@@ -62,6 +62,10 @@ class WiiMatchStep(Step):
     dqbits = string(default='~DO_NOT_USE+NON_SCIENCE')  # DQ bit flags of pixels that are used anyway (jwst's convention); '~' inverts: '~DO_NOT_USE+NON_SCIENCE' (default) leaves out pixels with DO_NOT_USE or NON_SCIENCE set; None or '' ignores DQ
     subtract = boolean(default=False)  # subtract each model's polynomial from its data
     group_exposures = boolean(default=True)  # models of one exposure (same group_id, e.g. its detectors) share one polynomial, as in jwst's skymatch; False matches each model (detector) on its own
+    match_down = boolean(default=None)  # level of the matched backgrounds (jwst skymatch's parameter and meaning): True: in each group of overlapping models the one of lowest background (mean of its polynomial over its own pixels, relative to the group) keeps it (polynomial 0), the others are matched down to it; False: matched up to the highest; None (default here): zero sum, each group's coefficients sum to 0 (the mosaic keeps the mean level)
+    zero_sum = boolean(default=False)  # True: the zero-sum convention whatever match_down says (how to choose it in the skymatch slot, whose match_down is True by default)
+    reference = string_list(default=None)  # models held fixed (polynomial 0), the others fitted to them: member file names or indices, e.g. x_i2d.fits or 0,2; a group without one follows match_down (with a warning)
+    levels = float_list(default=None)  # absolute background of each model at refpoint (data units), one per model, nan where unknown, e.g. 0.31,nan,0.29: each group's common constant is set so that the backgrounds agree with them (least squares); not with reference
     binning = integer(min=1, default=4)  # match on averages of binning x binning blocks of the grid (1: every pixel; reduced for grids under 64*binning pixels a side): smooth backgrounds stay at the noise floor with 16x less memory
     maximum_cores = string(default='all')  # worker threads for reading, matching and subtracting: 'all', 'half', 'quarter', 'none' (one) or a number
     scheduler = string(default=None)  # address of a dask.distributed scheduler (e.g. tcp://host:8786): models kept in files are read and reduced, and the pair sums accumulated, as tasks on its workers (needs the dask extra)
@@ -161,7 +165,7 @@ class WiiMatchStep(Step):
     # ------------------------------------------------------------------
     def _match_and_apply(self, library, stack, stream, solver, threads, *, kind,
                          groups=None, extra=None, library_class=None, outputs=None,
-                         cal_step=None):
+                         cal_step=None, level_for_resample=False):
         """Match, record (and subtract) with this step's parameters; log the summary.
 
         With ``outputs`` (an `OutputSet` from `_plan_outputs`) every output is
@@ -170,18 +174,50 @@ class WiiMatchStep(Step):
         after all are done (and None is returned). ``stack`` keeps the dask
         client, if any, open until the caller's block ends.
         """
+        level = self._level_choice(library)
         client = stack.enter_context(dask_client(self.scheduler))
         outcomes, summary = match_models(
             library, kind=kind, groups=groups, degree=self.degree, refpoint=self.refpoint,
             solver=solver, dqbits=self.dqbits, binning=self.binning, threads=threads,
-            client=client)
+            client=client, level=level)
         apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
                        solver=solver, dqbits=self.dqbits, threads=threads,
                        extra=extra, after=outputs if stream else None, client=client,
-                       cal_step=cal_step)
+                       cal_step=cal_step, level_for_resample=level_for_resample)
         log_summary(outcomes, summary)
         saved = self._save_outputs(library, outputs, stream, threads, library_class)
         return saved if stream else None
+
+    def _level_choice(self, library):
+        """The `LevelChoice` of ``match_down``, ``reference`` and ``levels``.
+
+        Raises ValueError naming the parameter for a reference that is no
+        member, or levels that are not one per member.
+        """
+        n = len(library)
+        refs = None
+        if self.reference:
+            files = [member_file(library, k) for k in range(n)]
+            if all(files):
+                names = [os.path.basename(f) for f in files]
+            else:
+                names = list(library.map_function(
+                    lambda model, index: model.meta.filename, modify=False))
+            refs = sorted({_member_index(r, names) for r in self.reference})
+        levels = None
+        if self.levels:
+            levels = [float(v) for v in self.levels]
+            if len(levels) != n:
+                raise ValueError(
+                    f"levels={self.levels!r} gives {len(levels)} value(s) for {n} models: "
+                    "give one per model, in input order (nan where unknown)")
+            if not any(np.isfinite(levels)):
+                raise ValueError(f"levels={self.levels!r} gives no level (all nan)")
+            if refs is not None:
+                raise ValueError("reference and levels cannot both be given: reference "
+                                 "models keep background 0, levels set the backgrounds")
+        match_down = None if self.zero_sum else self.match_down
+        return LevelChoice(match_down=match_down, reference=refs, levels=levels)
 
     def _save_outputs(self, library, outputs, staged, threads=None, library_class=None):
         """Publish the outputs of a run; return the library over the saved files.
@@ -341,6 +377,27 @@ class WiiMatchStep(Step):
             return out, WiiMatchLibrary(list(models))
         check_input_kind(data)
         raise _input_kind_error(data)  # pragma: no cover (check_input_kind raised)
+
+
+def _member_index(item, names):
+    """Index of ``item`` (an index, or a member's file name) among ``names``."""
+    text = str(item).strip()
+    try:
+        k = int(text)
+    except ValueError:
+        k = None
+    if k is not None:
+        if not 0 <= k < len(names):
+            raise ValueError(f"reference={text!r}: there are {len(names)} models "
+                             f"(indices 0 to {len(names) - 1})")
+        return k
+    base = os.path.basename(text)
+    hits = [j for j, name in enumerate(names) if name and os.path.basename(name) == base]
+    if len(hits) != 1:
+        raise ValueError(
+            f"reference={text!r} is {'no' if not hits else 'more than one'} model's file "
+            f"name; give a member file name or index: {', '.join(map(str, names))}")
+    return hits[0]
 
 
 def typed_degree(value):
@@ -520,3 +577,9 @@ def log_summary(outcomes, summary):
         lines.append(f"{o.name[:52]:<52s} {o.npix:>10d} {b:>13.6g} {o.rms_before:>12.5g} "
                      f"{o.rms:>12.5g}  {o.status}")
     log.info("wiimatch summary:\n%s", "\n".join(lines))
+    levels = [o for o in outcomes if o.matched and o.level]
+    if levels:
+        kinds = sorted({o.level["level_convention"] for o in levels})
+        kept = [o.name for o in levels if o.level["level_reference"]]
+        log.info("wiimatch: level of the matched backgrounds: %s%s", ", ".join(kinds),
+                 f"; polynomial 0 (kept as it is): {', '.join(kept)}" if kept else "")

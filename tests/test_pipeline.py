@@ -316,6 +316,13 @@ def test_seams_wiimatch_vs_skymatch(field, flat_field, tmp_path):
         # outlier_detection runs too: it needs no reference file
         steps = {"tweakreg": {"skip": True}, "source_catalog": {"skip": True},
                  "skymatch": {"save_results": True}}
+        if label == "wiimatch":
+            # the zero sum leaves the mean background plane in the mosaic; the
+            # slot's default (match_down) leaves the lowest exposure's own,
+            # steeper plane, which gave i2d=0.0112 instead of 0.0096 here
+            # (same seams, 0.0199): the i2d measure removes a plane, but not
+            # what resampling makes of a steeper one
+            steps["skymatch"]["zero_sum"] = True
         cls.call(asn, output_dir=str(out), save_results=True, steps=steps)
         i2d = open_model(str(out / "wiifield_i2d.fits"))
         corrected = glob.glob(str(out / "*_*match.fits"))
@@ -449,7 +456,9 @@ def test_sky_step_standalone_inputs(field, tmp_path):
         for k in range(len(lib)):
             m = lib.borrow(k)
             assert m.meta.background.subtracted is True
-            assert not np.allclose(m.data, before[k], equal_nan=True)
+            # match_down (the default here): the exposure of lowest background keeps it
+            kept = m.meta.wiimatch.instance["level_reference"]
+            assert np.allclose(m.data, before[k], equal_nan=True) is kept
             lib.shelve(m, k, modify=False)
 
     run_cmdline(["jwst_wiimatch.pipeline.WiiMatchSkyStep", field, f"--output_dir={tmp_path}"])
@@ -536,3 +545,142 @@ def test_strun_alias(field, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(out / "wiifield_i2d.fits")
     assert "WiiMatchSkyStep" in proc.stderr + proc.stdout
+
+
+# ----------------------------------------------------------------------
+# level of the matched backgrounds in the skymatch slot (issue 9)
+# ----------------------------------------------------------------------
+def _own_scores(models):
+    """Independent level of each exposure: mean over its own valid pixels of its
+    injected background minus the exposures' mean injected background."""
+    skies = [grid_sky(m) for m in models]
+    scores = []
+    for k, (m, (ra, dec)) in enumerate(zip(models, skies)):
+        good = np.isfinite(m.data)
+        mine = ph.injected_background(k, ra, dec)
+        avg = np.mean([ph.injected_background(j, ra, dec) for j in range(len(models))],
+                      axis=0)
+        scores.append(float(np.mean((mine - avg)[good])))
+    return np.array(scores)
+
+
+def test_sky_slot_match_down_default_and_match_up(field, tmp_path):
+    """The slot keeps skymatch's match_down=True: the exposure of lowest background
+    keeps it; --steps.skymatch.match_down=false keeps the highest instead."""
+    from astropy.io import fits
+
+    folder = os.path.dirname(field)
+    raw = [open_model(p) for p in sorted(glob.glob(os.path.join(folder, "*_cal.fits")))]
+    scores = _own_scores(raw)
+    runs = {}
+    for label, extra in (("down", []), ("up", ["--steps.skymatch.match_down=false"]),
+                         ("zero_sum", ["--steps.skymatch.zero_sum=true"])):
+        out = tmp_path / label
+        out.mkdir()
+        run_cmdline(["calwebb_image3_wiimatch", field, *SKIP_ARGS,
+                     "--steps.skymatch.save_results=true", f"--output_dir={out}", *extra])
+        files = sorted(glob.glob(str(out / "*_skymatch.fits")))
+        models = [open_model(f) for f in files]
+        i2d = open_model(str(out / "wiifield_i2d.fits"))
+        good = np.isfinite(i2d.data) & (np.asarray(i2d.wht) > 0)
+        runs[label] = {"models": models, "median": float(np.median(i2d.data[good]))}
+        assert fits.getheader(files[0])["BKGMETH"] == "wiimatch"
+    for label, keep in (("down", int(np.argmin(scores))), ("up", int(np.argmax(scores)))):
+        models = runs[label]["models"]
+        conv = "match_down" if label == "down" else "match_up"
+        for k, m in enumerate(models):
+            w = m.meta.wiimatch.instance
+            assert w["level_convention"] == conv
+            assert w["level_reference"] is (k == keep)
+        np.testing.assert_array_equal(entry_of(models[keep])["coefficients"], 0.0)
+        # the others: the injected differences to the kept exposure
+        for k, m in enumerate(models):
+            ra, dec = grid_sky(m)
+            good = np.isfinite(raw[k].data)
+            d = (poly_at(entry_of(m), ra, dec) - (ph.injected_background(k, ra, dec)
+                                                 - ph.injected_background(keep, ra, dec)))
+            assert np.sqrt(np.mean(d[good] ** 2)) < TOL
+    assert {m.meta.wiimatch.instance["level_convention"]
+            for m in runs["zero_sum"]["models"]} == {"zero_sum"}
+    # the mosaic keeps the lowest, the mean (zero sum) or the highest background
+    print({k: round(v["median"], 4) for k, v in runs.items()})
+    assert runs["down"]["median"] < runs["zero_sum"]["median"] < runs["up"]["median"]
+
+
+def test_sky_step_reference_and_levels(field):
+    from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+    folder = os.path.dirname(field)
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*_cal.fits")))
+    lib = WiiMatchSkyStep.call(field, reference=[names[2]])
+    with lib:
+        models = [lib.borrow(k) for k in range(len(lib))]
+        coefs = [entry_of(m)["coefficients"] for m in models]
+        refs = [m.meta.wiimatch.instance["level_reference"] for m in models]
+        for k, m in enumerate(models):
+            lib.shelve(m, k, modify=False)
+    assert refs == [False, False, True, False]
+    np.testing.assert_array_equal(coefs[2], 0.0)
+    # levels: the injected background of exposure 0 at the refpoint makes every
+    # background at the refpoint absolute (the other terms follow the zero sum)
+    ref = [float(v) for v in lib_refpoint(field)]
+    at_ref = [float(ph.injected_background(k, np.array([ref[0]]), np.array([ref[1]]))[0])
+              for k in range(4)]
+    lib = WiiMatchSkyStep.call(field, levels=[at_ref[0], np.nan, np.nan, np.nan])
+    with lib:
+        for k in range(len(lib)):
+            m = lib.borrow(k)
+            assert entry_of(m)["refpoint"][:2] == pytest.approx(ref)
+            assert entry_of(m)["coefficients"][0] == pytest.approx(at_ref[k], abs=TOL)
+            assert m.meta.wiimatch.instance["level_convention"] == "levels"
+            lib.shelve(m, k, modify=False)
+
+
+def lib_refpoint(field):
+    """The refpoint a default run records (the centre of the first exposure)."""
+    from jwst_wiimatch.pipeline import WiiMatchSkyStep
+
+    lib = WiiMatchSkyStep.call(field)
+    with lib:
+        m = lib.borrow(0)
+        ref = entry_of(m)["refpoint"]
+        lib.shelve(m, 0, modify=False)
+    return ref
+
+
+def test_sky_slot_subtract_false_leaves_a_level_for_resample(field, tmp_path):
+    """subtract=False: the data are unchanged, meta.background.level holds the mean
+    of each exposure's polynomial (subtracted False), and resample subtracts it
+    as it does skymatch's levels: the mosaic is matched in level."""
+    out = tmp_path / "nosub"
+    out.mkdir()
+    run_cmdline(["calwebb_image3_wiimatch", field, *SKIP_ARGS, "--steps.skymatch.subtract=false",
+                 "--steps.skymatch.save_results=true", f"--output_dir={out}"])
+    folder = os.path.dirname(field)
+    for path in sorted(glob.glob(str(out / "*_skymatch.fits"))):
+        m = open_model(path)
+        raw = open_model(os.path.join(folder, os.path.basename(path).replace(
+            "_skymatch", "_cal")))
+        good = np.isfinite(raw.data)
+        np.testing.assert_array_equal(np.asarray(m.data)[good], np.asarray(raw.data)[good])
+        assert m.meta.background.subtracted is False
+        ra, dec = grid_sky(m)
+        expect = float(np.mean(poly_at(entry_of(m), ra, dec)[good]))
+        assert m.meta.background.level == pytest.approx(expect, abs=1e-6)
+        assert m.meta.wiimatch.instance["level_for_resample"] == pytest.approx(expect)
+    # the levels reach the mosaic: its level is that of the subtracted run
+    # (up to the gradients, which only subtract=True removes)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    run_cmdline(["calwebb_image3_wiimatch", field, *SKIP_ARGS, f"--output_dir={sub}"])
+    raw_run = tmp_path / "raw"
+    raw_run.mkdir()
+    run_cmdline(["calwebb_image3", field, *SKIP_ARGS, "--steps.skymatch.skip=true",
+                 f"--output_dir={raw_run}"])
+    med = {}
+    for label, d in (("nosub", out), ("sub", sub), ("raw", raw_run)):
+        i2d = open_model(str(d / "wiifield_i2d.fits"))
+        g = np.isfinite(i2d.data) & (np.asarray(i2d.wht) > 0)
+        med[label] = float(np.median(i2d.data[g]))
+    print(med)
+    assert abs(med["nosub"] - med["sub"]) < 0.05 < abs(med["raw"] - med["sub"])

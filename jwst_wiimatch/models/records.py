@@ -15,7 +15,8 @@ from .frame import grid_world, model_lattice, world_to_frame
 
 __all__ = ["pending_level", "polynomial_coefficients", "evaluate_background",
            "latest_entry", "subtract_background", "subtract_polynomial", "record_result",
-           "record_skipped", "record_subtracted_level"]
+           "record_skipped", "record_subtracted_level", "polynomial_mean",
+           "record_pending_level"]
 
 
 def pending_level(model):
@@ -343,6 +344,28 @@ def record_subtracted_level(model, mean_background):
         bkg.level = float(bkg.level or 0.0) + float(mean_background)
         node = _wiimatch_meta(model)
         node["level_subtracted"] = float(bkg.level)
+        model.meta.wiimatch = node
+
+
+def polynomial_mean(model, info):
+    """Mean of a recorded polynomial over the model's finite data pixels (NaN if none)."""
+    bkg = evaluate_background(model, info)
+    used = np.isfinite(bkg) & np.isfinite(np.asarray(model.data))
+    return float(bkg[used].mean()) if used.any() else float("nan")
+
+
+def record_pending_level(model, level):
+    """Leave a constant for resample to subtract: ``meta.background.level`` (subtracted False).
+
+    jwst's resample and outlier_detection subtract ``meta.background.level``
+    from a model whose ``meta.background.subtracted`` is False, as they do
+    with the levels jwst's skymatch records when it does not subtract. Also
+    kept in ``meta.wiimatch['level_for_resample']``. A NaN level changes nothing.
+    """
+    if np.isfinite(level):
+        model.meta.background.level = float(level)
+        node = _wiimatch_meta(model)
+        node["level_for_resample"] = float(level)
         model.meta.wiimatch = node
 
 
