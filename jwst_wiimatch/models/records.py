@@ -325,8 +325,12 @@ def _add_history(model, degree, refpoint, frame, index):
             f"{[round(float(v), 8) for v in refpoint]}; coefficients in the ASDF "
             f"extension, meta.background.polynomial_info[{int(index)}]")
     # one card per line, broken between words (a HISTORY card holds 72 characters)
+    add = getattr(model, "add_history_entry", None)
     for line in textwrap.wrap(text, width=70):
-        model.history.append(line)
+        if add is not None:
+            add(line)
+        else:  # pragma: no cover - stdatamodels without add_history_entry
+            model.history.append(line)
 
 
 def record_subtracted_level(model, mean_background):
