@@ -218,3 +218,32 @@ def relative_error(recovered, truths, masks, stat="rms"):
         val = np.sqrt(np.mean(diff ** 2)) if stat == "rms" else np.max(diff)
         worst = max(worst, float(val))
     return worst
+
+
+def passthrough_step(loggers=("stpipe",)):
+    """An stpipe Step class that returns its input, never contacts CRDS and
+    configures the loggers named (to host WiiMatchStep as a hook)."""
+    from stpipe import Step
+    from stpipe.config_parser import ConfigObj
+
+    class Passthrough(Step):
+        spec = """
+        output_ext = string(default='.fits')
+        """
+
+        def process(self, data):
+            return data
+
+        @classmethod
+        def get_config_from_reference(cls, dataset, disable=None, crds_observatory=None):
+            return ConfigObj()
+
+        @classmethod
+        def _get_crds_parameters(cls, dataset):
+            return {}, "jwst"
+
+        @staticmethod
+        def get_stpipe_loggers():
+            return tuple(loggers)
+
+    return Passthrough

@@ -197,10 +197,8 @@ def test_output_that_is_an_input_refused(tmp_path):
     assert staging_left(tmp_path) == []
 
 
-def test_list_and_single_model_saves_are_atomic(tmp_path, monkeypatch):
-    """Outputs of list and single-model inputs also go through the staging folder."""
-    models, _t, _r = h.make_models(n=3, shape=(40, 44))
-    monkeypatch.chdir(tmp_path)
+def saved_paths(monkeypatch):
+    """The list of paths ImageModel.save is called with from now on."""
     seen = []
     real_save = ImageModel.save
 
@@ -209,6 +207,14 @@ def test_list_and_single_model_saves_are_atomic(tmp_path, monkeypatch):
         return real_save(self, path, *args, **kwargs)
 
     monkeypatch.setattr(ImageModel, "save", spy)
+    return seen
+
+
+def test_list_and_single_model_saves_are_atomic(tmp_path, monkeypatch):
+    """Outputs of list and single-model inputs also go through the staging folder."""
+    models, _t, _r = h.make_models(n=3, shape=(40, 44))
+    monkeypatch.chdir(tmp_path)
+    seen = saved_paths(monkeypatch)
     WiiMatchStep.call(models, save_results=True)
     WiiMatchStep.call(models[0], save_results=True, output_file="single")
     names = sorted(os.listdir(tmp_path))
@@ -227,14 +233,7 @@ def test_save_model_with_post_hook_is_atomic(tmp_path, monkeypatch):
     models, _t, _r = h.make_models(n=2, shape=(40, 44))
     monkeypatch.chdir(tmp_path)
     step = WiiMatchStep(save_results=True, post_hooks=["test_outputs.keep_result"])
-    seen = []
-    real_save = ImageModel.save
-
-    def spy(self, path, *args, **kwargs):
-        seen.append(str(path))
-        return real_save(self, path, *args, **kwargs)
-
-    monkeypatch.setattr(ImageModel, "save", spy)
+    seen = saved_paths(monkeypatch)
     step.run(models)
     assert sorted(os.listdir(tmp_path)) == ["exp1_wiimatch.fits", "exp2_wiimatch.fits"]
     assert seen and all(STAGING_PREFIX in p for p in seen)

@@ -582,30 +582,7 @@ def test_bad_input_type():
 def test_hook_logs_reach_the_parents_log(tmp_path):
     """As a hook of a step whose loggers do not include ours (jwst's resample in
     calwebb_image3), the summary, infos and warnings still reach the log file."""
-    from stpipe import Step
-
-    class Parent(Step):
-        spec = """
-        output_ext = string(default='.fits')
-        """
-
-        def process(self, lib):
-            return lib
-
-        @classmethod
-        def get_config_from_reference(cls, dataset, disable=None, crds_observatory=None):
-            from stpipe.config_parser import ConfigObj
-
-            return ConfigObj()
-
-        @classmethod
-        def _get_crds_parameters(cls, dataset):
-            return {}, "jwst"
-
-        @staticmethod
-        def get_stpipe_loggers():
-            return ("stpipe", "py.warnings")
-
+    Parent = h.passthrough_step(loggers=("stpipe", "py.warnings"))
     models, _, _ = h.make_models(n=3, degree=1)
     models[2].data[:] = np.nan  # no valid pixel: skipped with a warning
     lib = WiiMatchLibrary([m.copy() for m in models])
@@ -625,29 +602,7 @@ def test_hook_logs_reach_the_parents_log(tmp_path):
 
 def test_post_hook_in_another_step():
     """A post-hook receives the parent's result: the library is updated in place."""
-    from stpipe import Step
-
-    class Producer(Step):
-        spec = """
-        output_ext = string(default='.fits')
-        """
-
-        def process(self, lib):
-            return lib
-
-        @classmethod
-        def get_config_from_reference(cls, dataset, disable=None, crds_observatory=None):
-            from stpipe.config_parser import ConfigObj
-
-            return ConfigObj()
-
-        @classmethod
-        def _get_crds_parameters(cls, dataset):
-            return {}, "jwst"
-
-        @staticmethod
-        def get_stpipe_loggers():
-            return ("stpipe", "jwst_wiimatch")
+    Producer = h.passthrough_step(loggers=("stpipe", "jwst_wiimatch"))
 
     models, truths, ref = h.make_models(n=3, degree=1)
     lib = WiiMatchLibrary([m.copy() for m in models])
