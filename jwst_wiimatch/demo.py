@@ -9,9 +9,11 @@ a few cosmic-ray hits flagged ``DO_NOT_USE`` (as outlier detection leaves
 them), a band of ``NON_SCIENCE`` pixels, and NaN outside each exposure's
 footprint. An association ``asn.json`` lists the exposures.
 
-The command then runs ``strun wiimatch asn.json`` (in this process, through
-stpipe's command-line entry) and prints the injected and recovered
-backgrounds per exposure. Matching determines backgrounds only up to one
+The command then runs ``strun wiimatch asn.json --report=wiimatch_report.json``
+(in this process, through stpipe's command-line entry), which writes the
+JSON report of the fit (and, with matplotlib installed, the PNG report
+``wiimatch_report.png``) into the folder, and prints the injected and
+recovered backgrounds per exposure and the fit's chi-square. Matching determines backgrounds only up to one
 polynomial common to all exposures, so the table compares them after
 removing that common part (the least-squares common polynomial of the
 injected-minus-recovered coefficients).
@@ -37,6 +39,7 @@ from .core import polyval_nd
 __all__ = ["make_demo_data", "main"]
 
 _GRID_CRVAL = (53.16, -27.79)  # a deep field; any position works
+REPORT = "wiimatch_report.json"  # the step's JSON report, in the demo folder
 _PIXSCALE = 0.06  # arcsec / pixel, like NIRCam long-wavelength i2d products
 
 
@@ -247,6 +250,23 @@ def compare(info, folder):
     return rows
 
 
+def _print_report(folder):
+    """Say where the report is and what its chi-square says."""
+    path = os.path.join(folder, REPORT)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        rep = json.load(fh)
+    fit = rep["fit"]
+    chi2 = "n/a" if fit["chi2"] is None else f"{fit['chi2']:.3f}"
+    print(f"Fit chi-square per degree of freedom: {chi2} (1 = noise; {fit['assessment']})")
+    print(f"JSON report: {path}")
+    if rep.get("plot"):
+        print(f"PNG report:  {os.path.join(folder, rep['plot'])}")
+    else:
+        print("PNG report:  not drawn (pip install 'jwst-wiimatch[plot]' for it)")
+
+
 def main(argv=None):
     """Console entry point of ``wiimatch-demo``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -282,7 +302,7 @@ def main(argv=None):
           f"into {folder}")
     info = make_demo_data(folder, n=args.n, size=args.size, degree=args.degree,
                           seed=args.seed)
-    cmd = [_step_name(), "asn.json", f"--degree={args.degree}"]
+    cmd = [_step_name(), "asn.json", f"--degree={args.degree}", f"--report={REPORT}"]
     if args.subtract:
         cmd.append("--subtract=true")
     if args.in_memory_false:
@@ -308,6 +328,7 @@ def main(argv=None):
         worst = max(worst, d) if np.isfinite(d) else np.inf
     print(f"\nLargest RMS difference over an exposure: {worst:.2e} "
           "(data noise per pixel ~1e-2)")
+    _print_report(folder)
     return 0 if all(r[4] == "COMPLETE" for r in rows) else 1
 
 

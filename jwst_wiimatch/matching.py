@@ -49,6 +49,7 @@ from .core.binning import bin_image, weighted_mean
 from .core.inputs import check_degree
 from .core.poly import coef_from_scaled
 from .models import frame as fr
+from . import report
 from .models import pixels, records
 from .models.library import (borrow_member, member_file, member_label, model_group_id,
                               open_member)
@@ -156,6 +157,9 @@ class Outcome:
     #: how the group's common level was chosen (``meta.wiimatch`` keys
     #: ``level_convention``, ``level_reference`` and ``level_shift``)
     level: dict = None
+    #: fit diagnostics of the model's matching image (chi-square, pairs...):
+    #: the ``meta.wiimatch`` fields of `jwst_wiimatch.report.model_fields`
+    diagnostics: dict = None
 
     @property
     def matched(self):
@@ -172,6 +176,9 @@ class MatchSummary:
     binning: int
     grid_shape: tuple
     groups: list  # connected groups of the overlap graph, as lists of model indices
+    #: the run's fit diagnostics (``fit``, ``images``, ``pairs``, ``groups``:
+    #: see `jwst_wiimatch.report.engine_diagnostics`), None when nothing was solved
+    diagnostics: dict = None
 
 
 @dataclass
@@ -437,14 +444,16 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
             image2world=image2world, center_cs="world", solver=solver, threads=threads,
             origins=origins, grid_shape=grid_shape, client=client, **level_args)
 
+    diag = {}
     if not shared:
-        outcomes, components = _solve(reduced, engine, lambda c: c, level=level)
+        outcomes, components = _solve(reduced, engine, lambda c: c, level=level, diag=diag)
     else:
         gred = [_combine_grid_group([reduced[k] for k in g]) for g in groups]
         outcomes, components = _spread(reduced, groups, *_solve(
-            gred, engine, lambda c: c, level=level, members=groups))
+            gred, engine, lambda c: c, level=level, members=groups, diag=diag))
     return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=frame, binning=b,
-                                  grid_shape=grid_shape, groups=components)
+                                  grid_shape=grid_shape, groups=components,
+                                  diagnostics=diag or None)
 
 
 def _spread(reduced, groups, goutcomes, gcomponents):
@@ -635,7 +644,7 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
     for members in groups:
         cells = [reduced[k].cells for k in members if reduced[k].cells is not None]
         g = _Reduced(name=reduced[members[0]].name,
-                     npix=sum(reduced[k].npix for k in members))
+                     npix=sum(reduced[k].npix for k in members), has_err=not missing)
         if cells:
             g.origin, (sw, swd) = _combine_cells(cells, keys)
             g.data, sigma = weighted_mean(sw, swd)
@@ -665,11 +674,12 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
     def to_frame(coef):  # grid-cell units -> degrees of the tangent plane
         return coef_from_scaled(coef[None, :], degree, (0.0, 0.0), (step, step))[0]
 
+    diag = {}
     outcomes, groups_models = _spread(reduced, groups, *_solve(
-        gred, engine, to_frame, level=level, members=groups))
+        gred, engine, to_frame, level=level, members=groups, diag=diag))
     return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=fr.FRAME,
                                   binning=binning, grid_shape=grid_shape,
-                                  groups=groups_models)
+                                  groups=groups_models, diagnostics=diag or None)
 
 
 # ---------------------------------------------------------------------------
@@ -767,12 +777,12 @@ def _record_levels(outcomes, usable, result, names, args):
             outcomes[k].level = info
 
 
-def _solve(reduced, engine, to_frame, level=None, members=None):
+def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
     """Run the engine on the usable reduced images; one Outcome per reduced image.
 
     ``level`` (a `LevelChoice`) chooses each group's common level;
     ``members[k]`` lists the models that make reduced image ``k`` (default:
-    model ``k``).
+    model ``k``). ``diag`` (a dict) receives the run's fit diagnostics.
     """
     n = len(reduced)
     names = [r.name for r in reduced]
@@ -812,6 +822,12 @@ def _solve(reduced, engine, to_frame, level=None, members=None):
                               if t[0] == j]
     if level is not None:
         _record_levels(outcomes, usable, result, names, args)
+    per_image, run = report.engine_diagnostics(
+        result, usable, names, members, n, all(reduced[k].has_err for k in usable))
+    for k, d in per_image.items():
+        outcomes[k].diagnostics = d
+    if diag is not None:
+        diag.update(run)
     groups = [[usable[j] for j in comp] for comp in result.components]
     matched = [g for g in groups if any(outcomes[k].matched for k in g)]
     if len(matched) > 1:
@@ -902,9 +918,10 @@ def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra, cal_ste
         coefficients=outcome.coefficients, subtract=subtract, frame=summary.frame,
         npix=outcome.npix, rms=outcome.rms, rms_before=outcome.rms_before, level=level,
         solver=solver, dqbits=dqbits, undetermined=outcome.undetermined, cal_step=cal_step)
-    if extra or outcome.level:
+    if extra or outcome.level or outcome.diagnostics:
         model.meta.wiimatch = {**model.meta.wiimatch.instance, **(extra or {}),
-                               **(outcome.level or {})}
+                               **(outcome.level or {}),
+                               **report.model_fields(outcome.diagnostics)}
     if subtract:
         entry = {"degree": list(summary.degree), "refpoint": summary.refpoint,
                  "coefficients": outcome.coefficients}

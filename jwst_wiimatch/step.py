@@ -20,6 +20,7 @@ from stpipe.config_parser import ConfigObj
 from stpipe.datamodel import AbstractDataModel
 from stpipe.library import AbstractModelLibrary
 
+from . import report
 from .core.inputs import check_solver
 from .matching import (LevelChoice, apply_outcomes, default_threads, map_models,
                        match_models, parse_degree)
@@ -70,6 +71,8 @@ class WiiMatchStep(Step):
     maximum_cores = string(default='all')  # worker threads for reading, matching and subtracting: 'all', 'half', 'quarter', 'none' (one) or a number
     scheduler = string(default=None)  # address of a dask.distributed scheduler (e.g. tcp://host:8786): models kept in files are read and reduced, and the pair sums accumulated, as tasks on its workers (needs the dask extra)
     in_memory = boolean(default=True)  # False: keep models on disk (temporary files) and never hold all models in memory at once
+    report = string(default=None)  # write a JSON report of the fit (per model, pair and group: pixels, residual RMS, chi-square, condition) to this file, e.g. wiimatch_report.json (relative to output_dir when set); with matplotlib also a PNG report beside it (same name, .png)
+    report_plot = boolean(default=True)  # with report: also draw the PNG report when matplotlib is installed (reads every model once more)
     output_ext = string(default='.fits')  # file name extension of saved outputs
     output_use_model = boolean(default=True)  # name outputs after each member, its known suffix replaced: x_i2d.fits -> x_wiimatch.fits (output_file, when set, names them instead: <output_file>_<k>_wiimatch.fits)
     """  # noqa: E501
@@ -175,18 +178,52 @@ class WiiMatchStep(Step):
         client, if any, open until the caller's block ends.
         """
         level = self._level_choice(library)
+        paths = self._report_paths()
         client = stack.enter_context(dask_client(self.scheduler))
         outcomes, summary = match_models(
             library, kind=kind, groups=groups, degree=self.degree, refpoint=self.refpoint,
             solver=solver, dqbits=self.dqbits, binning=self.binning, threads=threads,
             client=client, level=level)
+        # the PNG's mosaics read the models before any subtraction
+        sums = (report.mosaic_sums(library, outcomes, summary, self.dqbits, threads, kind)
+                if paths and paths[1] else None)
         apply_outcomes(library, outcomes, summary, subtract=bool(self.subtract),
                        solver=solver, dqbits=self.dqbits, threads=threads,
                        extra=extra, after=outputs if stream else None, client=client,
                        cal_step=cal_step, level_for_resample=level_for_resample)
         log_summary(outcomes, summary)
         saved = self._save_outputs(library, outputs, stream, threads, library_class)
+        if paths:
+            self._write_report(paths, outcomes, summary, sums, kind, solver)
         return saved if stream else None
+
+    def _report_paths(self):
+        """``(json, png or None)`` paths of the ``report`` parameter, checked; None unset."""
+        if self.report is None or str(self.report).strip().lower() in ("", "none"):
+            return None
+        json_path, png_path = report.report_paths(self.report,
+                                                  self.search_attr("output_dir"))
+        if not self.report_plot:
+            png_path = None
+        elif not report.has_matplotlib():
+            log.info("wiimatch: matplotlib is not installed: the JSON report only, no PNG "
+                     "(pip install 'jwst-wiimatch[plot]')")
+            png_path = None
+        return json_path, png_path
+
+    def _write_report(self, paths, outcomes, summary, sums, kind, solver):
+        """Write the JSON (and PNG) report of a run, each atomically."""
+        json_path, png_path = paths
+        params = {"kind": kind, "solver": solver, "dqbits": self.dqbits,
+                  "subtract": bool(self.subtract),
+                  "group_exposures": bool(self.group_exposures)}
+        rep = report.build_report(outcomes, summary, params, step=type(self).__name__,
+                                  plot=os.path.basename(png_path) if png_path else None)
+        if png_path:
+            report.write_png(png_path, rep, sums)
+            log.info("wiimatch: PNG report written to %s", png_path)
+        report.write_json(json_path, rep)
+        log.info("wiimatch: JSON report written to %s", json_path)
 
     def _level_choice(self, library):
         """The `LevelChoice` of ``match_down``, ``reference`` and ``levels``.
@@ -569,14 +606,18 @@ def log_summary(outcomes, summary):
     """Log the per-model table of a run."""
     log.info("wiimatch: polynomial degree %s in %s, refpoint %s",
              list(summary.degree), summary.frame, [round(v, 8) for v in summary.refpoint])
-    head = (f"{'model':<52s} {'npix':>10s} {'bkg@ref':>13s} {'rms before':>12s} "
-            f"{'rms after':>12s}  status")
+    head = (f"{'model':<52s} {'npix':>10s} {'rejected':>9s} {'bkg@ref':>13s} "
+            f"{'rms before':>12s} {'rms after':>12s} {'chi2':>8s}  status")
     lines = [head, "-" * len(head)]
     for o in outcomes:
         b = float(o.coefficients[0]) if o.matched else np.nan
-        lines.append(f"{o.name[:52]:<52s} {o.npix:>10d} {b:>13.6g} {o.rms_before:>12.5g} "
-                     f"{o.rms:>12.5g}  {o.status}")
+        d = o.diagnostics or {}
+        rej = "-" if d.get("rejected") is None else str(d["rejected"])
+        chi2 = np.nan if d.get("chi2") is None else d["chi2"]
+        lines.append(f"{o.name[:52]:<52s} {o.npix:>10d} {rej:>9s} {b:>13.6g} "
+                     f"{o.rms_before:>12.5g} {o.rms:>12.5g} {chi2:>8.3g}  {o.status}")
     log.info("wiimatch summary:\n%s", "\n".join(lines))
+    report.log_diagnostics(outcomes, summary)
     levels = [o for o in outcomes if o.matched and o.level]
     if levels:
         kinds = sorted({o.level["level_convention"] for o in levels})

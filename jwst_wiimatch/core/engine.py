@@ -14,6 +14,7 @@ from .accumulate import accumulate
 from .coords import make_frame
 from .inputs import (check_center, check_inputs, check_solver, common_sigma_scale,
                      sigma_unusable)
+from .diagnostics import fit_diagnostics
 from .levels import check_level_args, image_means, level_shifts, pick_extreme
 from .poly import basis_loss, coef_from_scaled, moments_to_basis
 from .solve import MatchWarning, _components, assemble, gram_index, pinv_tol, solve_system
@@ -78,6 +79,14 @@ class MatchResult:
         ``(N,)`` mean of each image's zero-sum polynomial over its own valid
         pixels, by which ``'lowest'`` / ``'highest'`` chose (None when not
         computed).
+    condition : list of float
+        One per entry of ``components``: condition number of the system
+        solved for the group (NaN for an image alone), see
+        :attr:`jwst_wiimatch.core.solve.SolveInfo.condition`.
+    diagnostics : jwst_wiimatch.core.diagnostics.FitDiagnostics
+        Per pair, per image and per group: pixels, weighted residual RMS and
+        normalised chi-square (1.0 = noise) before and after matching, and
+        the groups' condition numbers.
     """
 
     coef: np.ndarray
@@ -96,6 +105,8 @@ class MatchResult:
     basis_loss: float = 0.0
     conventions: list = field(default_factory=list)
     mean_background: np.ndarray = None
+    condition: list = field(default_factory=list)
+    diagnostics: object = field(repr=False, default=None)
 
     def equations(self):
         """The normal equations ``(a, b)`` in the documented (unscaled) basis."""
@@ -296,6 +307,9 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
             conventions[groups[g]]["level_shift"] = k
     loss = _check_basis_loss(coef_u, coef, prob.degree, frame)
     rms, rms_before, pair_npix = _residuals(mom, coef_u, prob.degree)
+    diag = fit_diagnostics(mom, coef_u, prob.degree, info.components, info.condition,
+                           info.undetermined, [c["reference"] for c in conventions],
+                           sigma_scale=prob.sigma_scale, weighted=prob.has_sigmas)
     log.debug("matched %d images (%d overlapping pairs) in %.3f s",
               n, len(mom.S), time.perf_counter() - t0)
     return MatchResult(
@@ -303,7 +317,8 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         coord_system=frame.coord_system, npix=mom.image_npix, pair_npix=pair_npix,
         rms=rms, rms_before=rms_before, components=info.components,
         isolated=info.isolated, undetermined=info.undetermined, frame=frame, moments=mom,
-        basis_loss=loss, conventions=conventions, mean_background=means)
+        basis_loss=loss, conventions=conventions, mean_background=means,
+        condition=list(info.condition), diagnostics=diag)
 
 
 def _solve_with_level(a_u, b_u, n, solve, level, refs, prob, frame):

@@ -61,6 +61,11 @@ class SolveInfo:
     components: list = field(default_factory=list)
     isolated: list = field(default_factory=list)
     undetermined: list = field(default_factory=list)  # (image, exponent tuple or index)
+    #: one per entry of ``components``: condition number of the equilibrated
+    #: system solved for the group (RLU: 1-norm estimate, ``1 / rcond``;
+    #: rank-revealing path: largest over smallest kept eigenvalue); NaN for
+    #: a group with nothing to solve (an image alone, or all held fixed)
+    condition: list = field(default_factory=list)
 
 
 def pinv_tol(dtype):
@@ -120,9 +125,10 @@ def _components(a, nimages, nterms):
 def _solve_reduced(mat, rhs, method, tol):
     """Solve a symmetric positive (semi-)definite system.
 
-    Returns ``(x, null, d)``: a least-squares solution, the directions of
-    the (numerical) null space as columns (None when there is none) and
-    the equilibration factors (the system was solved for ``d * x``).
+    Returns ``(x, null, d, cond)``: a least-squares solution, the directions
+    of the (numerical) null space as columns (None when there is none), the
+    equilibration factors (the system was solved for ``d * x``) and the
+    condition number of the equilibrated system (see `SolveInfo.condition`).
     """
     d = np.sqrt(np.abs(np.diag(mat)))
     top = np.max(d[np.isfinite(d)], initial=0.0)
@@ -139,7 +145,7 @@ def _solve_reduced(mat, rhs, method, tol):
         rc, info = linalg.lapack.dgecon(lu, np.linalg.norm(ms, 1), norm="1")
         if info == 0 and rc > RLU_RCOND_MIN and np.all(np.isfinite(lu)):
             x = linalg.lu_solve((lu, piv), bs, check_finite=False)
-            return x / d, None, d
+            return x / d, None, d, float(1.0 / rc)
         tol = RLU_RCOND_MIN
     ev, vec = linalg.eigh(ms, check_finite=False)
     top = max(abs(ev[-1]), np.finfo(float).tiny)
@@ -147,7 +153,8 @@ def _solve_reduced(mat, rhs, method, tol):
     vk = vec[:, keep]
     x = vk @ ((vk.T @ bs) / ev[keep])
     null = vec[:, ~keep]
-    return x / d, (null / d[:, None] if null.shape[1] else None), d
+    cond = float(top / ev[keep][0]) if keep.any() else float("inf")
+    return x / d, (null / d[:, None] if null.shape[1] else None), d, cond
 
 
 def _pick_rows(q, priority):
@@ -309,6 +316,7 @@ def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=N
 
     fixed = set() if fixed is None else {int(i) for i in fixed}
     for comp in info.components:
+        info.condition.append(float("nan"))
         if len(comp) == 1:
             info.isolated.append(comp[0])
             continue
@@ -320,7 +328,8 @@ def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=N
             coef[comp] = sub
             continue
         rows = np.concatenate([np.arange(i * nterms, (i + 1) * nterms) for i in reduced])
-        x, null, d = _solve_reduced(a[np.ix_(rows, rows)], b[rows], method, tol)
+        x, null, d, info.condition[-1] = _solve_reduced(a[np.ix_(rows, rows)], b[rows],
+                                                        method, tol)
         if free is None:
             sub[1:] = x.reshape(len(comp) - 1, nterms)
             sub -= sub.mean(axis=0)
