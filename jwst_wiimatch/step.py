@@ -234,12 +234,7 @@ class WiiMatchStep(Step):
         n = len(library)
         refs = None
         if self.reference:
-            files = [member_file(library, k) for k in range(n)]
-            if all(files):
-                names = [os.path.basename(f) for f in files]
-            else:
-                names = list(library.map_function(
-                    lambda model, index: model.meta.filename, modify=False))
+            names = member_names(library)
             refs = sorted({_member_index(r, names) for r in self.reference})
         levels = None
         if self.levels:
@@ -305,11 +300,7 @@ class WiiMatchStep(Step):
             return None
         n = len(library)
         files = [member_file(library, k) for k in range(n)]
-        if all(files):
-            names = [os.path.basename(f) for f in files]
-        else:
-            names = list(library.map_function(
-                lambda model, index: model.meta.filename, modify=False))
+        names = member_names(library)
         if self.output_use_model and not self.output_file:
             paths = [self.make_output_path(basepath=name) for name in names]
         else:
@@ -488,6 +479,15 @@ def new_library(cls, data, scratch=None):
     lib = cls(data, on_disk=True, temp_directory=scratch.name)
     lib._temp_dir = scratch  # removed by AbstractModelLibrary.__del__
     return lib
+
+
+def member_names(library):
+    """File name of each model of a library (its member's file, else ``meta.filename``)."""
+    files = [member_file(library, k) for k in range(len(library))]
+    if all(files):
+        return [os.path.basename(f) for f in files]
+    return list(library.map_function(lambda model, index: model.meta.filename,
+                                     modify=False))
 
 
 def library_copies(lib):
