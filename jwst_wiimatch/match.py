@@ -15,7 +15,8 @@ SUPPORTED_SOLVERS = list(SOLVERS)
 
 def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
               image2world=None, center_cs="image", ext_return=False, solver="RLU",
-              level="zero_sum", reference=None, levels=None):
+              level="zero_sum", reference=None, levels=None, robust=None, nsigma=4.0,
+              grow=1, nclip=3, max_abs=None):
     r"""Polynomial backgrounds that match image intensities in the least-squares sense.
 
     Finds, for every image ``n``, the polynomial ``P_n`` that minimises
@@ -81,6 +82,19 @@ def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
     levels : sequence of float or None, None, optional
         Absolute background of each image at the center (NaN/None:
         unknown); each group's constant is set to agree with them.
+    robust : {None, 'clip', 'huber', 'tukey'}, optional
+        Robust matching (an addition to wiimatch 0.3.2): None (default)
+        is plain least squares, as wiimatch; otherwise pixels whose pair
+        residual is not noise are left out (with their surroundings) or
+        down-weighted, from a start that junk cannot move. See
+        :func:`jwst_wiimatch.core.match_backgrounds` and
+        ``docs/algorithm.rst``, "Robust matching".
+    nsigma, grow, nclip : float, int, int, optional
+        Rejection threshold (robust sigmas), pixels grown around a rejected
+        pixel, most reweighted passes (robust matching only).
+    max_abs : float, None, optional
+        Leave out values with ``|value| > max_abs`` before any sum (None:
+        no cut without ``robust``; an automatic one with it).
 
     Returns
     -------
@@ -130,7 +144,8 @@ def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
     res = match_backgrounds(images, masks=masks, sigmas=sigmas, degree=degree,
                             center=center, image2world=image2world,
                             center_cs=center_cs, solver=solver, level=level,
-                            reference=reference, levels=levels)
+                            reference=reference, levels=levels, robust=robust,
+                            nsigma=nsigma, grow=grow, nclip=nclip, max_abs=max_abs)
     if not ext_return:
         return res.coef
     a, b = res.equations()

@@ -48,6 +48,7 @@ from .core.accumulate import valid_box
 from .core.binning import bin_image, weighted_mean
 from .core.inputs import check_degree
 from .core.poly import coef_from_scaled
+from .core.robust import absurd_mask, source_mask
 from .models import frame as fr
 from . import report
 from .models import pixels, records
@@ -160,6 +161,15 @@ class Outcome:
     #: fit diagnostics of the model's matching image (chi-square, pairs...):
     #: the ``meta.wiimatch`` fields of `jwst_wiimatch.report.model_fields`
     diagnostics: dict = None
+    #: valid pixels left out as absurd values (e.g. unflagged fill values)
+    absurd: int = 0
+    #: valid pixels marked as sources or junk by source masking (``sources``
+    #: of `match_models`); the matching cells holding them are left out
+    sources: int = 0
+    #: robust matching of the run (``meta.wiimatch`` keys ``robust``,
+    #: ``robust_nsigma``, ``robust_grow``, ``robust_nclip``, ``robust_passes``,
+    #: ``npix_absurd``); None: not recorded
+    robust: dict = None
 
     @property
     def matched(self):
@@ -197,6 +207,8 @@ class _Reduced:
     sigma_eq: np.ndarray = None
     cells: dict = None  # 'sky' kind: per-cell values and sky positions
     group_id: str = None  # the model's exposure (meta.group_id), when known
+    absurd: int = 0  # valid pixels left out as absurd values
+    sources: int = 0  # valid pixels marked as sources (their cells left out)
 
 
 def _model_name(model, index):
@@ -223,26 +235,83 @@ def _read_pixels(model, dqflags, name):
     return np.asarray(model.data), sigma, mask, level, note
 
 
+def _absurd_cut(data, mask, sigma, name):
+    """The mask without absurd values (e.g. unflagged 1e30 fill values), and their count.
+
+    Always applied by the steps (whatever ``robust``): such a value cannot be
+    data and would otherwise reach the sums, or a block average.
+    """
+    bad = absurd_mask(data, mask, sigma)
+    if bad is None:
+        return mask, 0
+    count = int(np.count_nonzero(bad))
+    log.warning("wiimatch: %s: %d valid pixel(s) with absurd values (further than 1e10 "
+                "robust sigmas from the model's median, e.g. unflagged fill values) left "
+                "out", name, count)
+    return mask & ~bad, count
+
+
+#: Pixels around a source pixel also marked (source masking).
+SOURCE_GROW = 1
+
+
+def _sources(data, mask, sigma, nsigma, red):
+    """The model's source mask (None: none, or not asked); its count goes to ``red``."""
+    if not nsigma or np.ndim(data) != 2:
+        return None
+    src = source_mask(data, mask, sigma, nsigma=float(nsigma), grow=SOURCE_GROW)
+    if src is not None:
+        red.sources = int(np.count_nonzero(src))
+    return src
+
+
 def _warn_equal_weights(notes):
     """Log that equal weights replace ERR weights, naming each model without a usable ERR."""
     log.warning("wiimatch: %s: all pixels of all models get equal weight (unit sigma) "
                 "instead of 1/ERR**2", "; ".join(f"{n} {note}" for n, note in notes))
 
 
-def _reduce_box(data, sigma, mask, level, box, binning, red):
-    """Fill ``red`` with the model's cutout over ``box`` (binned when 2-D)."""
+def _reduce_box(data, sigma, mask, level, box, binning, red, equal=False, src=None):
+    """Fill ``red`` with the model's cutout over ``box`` (binned when 2-D).
+
+    ``equal``: a block's value is the plain mean of its valid pixels (its
+    sigma propagated from ERR), not the ERR-weighted mean. ERR weights
+    within a block differ between exposures wherever ERR follows the data
+    (Poisson noise of sources, each exposure sampling them at its own
+    dither), so weighted block means of the same patch of sky differ by
+    more than noise; plain means measure the same patch in every exposure.
+    ``src`` (a mask of the model's shape, or None): blocks holding a marked
+    pixel are left out (with ``binning=1``: the marked pixels).
+    """
     sl = tuple(slice(a, b) for a, b in box)
     d = data[sl]
     if level:
         d = d.astype(np.float64) - level
     m = mask[sl]
     s = None if sigma is None else sigma[sl]
+    if src is not None and not (binning > 1 and d.ndim == 2):
+        m = m & ~src[sl]
     if binning > 1 and d.ndim == 2:
         start = (box[0][0], box[1][0])
         mean_eq, sig_eq, _, origin = bin_image(d, None, m, binning, start)
         red.data_eq, red.sigma_eq, red.origin = mean_eq, sig_eq, origin
-        if s is not None:
+        if s is not None and equal:
+            var_mean, _, count, _ = bin_image(np.square(s, dtype=np.float64), None,
+                                              m & np.isfinite(s) & (s > 0), binning, start)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                red.sigma = np.where(count > 0, np.sqrt(var_mean / np.maximum(count, 1)),
+                                     0.0)
+            red.data = mean_eq
+        elif s is not None:
             red.data, red.sigma, _, _ = bin_image(d, s, m, binning, start)
+        if src is not None:  # blocks holding a source pixel: not used
+            hit = bin_image(np.zeros(m.shape), None, src[sl] & m, binning, start)[2] > 0
+            for key in ("data_eq", "sigma_eq", "data", "sigma"):
+                arr = getattr(red, key)
+                if arr is not None:
+                    arr = np.array(arr, dtype=np.float64)
+                    arr[hit] = 0.0
+                    setattr(red, key, arr)
     else:
         red.origin = tuple(a for a, _ in box)
         red.data_eq = np.where(m, d, 0.0) if not m.all() else np.asarray(d)
@@ -265,15 +334,18 @@ def _select_weights(reduced, usable, names):
 # ---------------------------------------------------------------------------
 # models on one common grid
 # ---------------------------------------------------------------------------
-def _reduce_grid_model(model, index, dqflags, binning, checker):
+def _reduce_grid_model(model, index, dqflags, binning, checker, equal=False, sources=None):
     name = _model_name(model, index)
     checker.check(model, name)
     data, sigma, mask, level, note = _read_pixels(model, dqflags, name)
+    mask, absurd = _absurd_cut(data, mask, sigma, name)
     red = _Reduced(name=name, has_err=sigma is not None, err_note=note,
-                   npix=int(np.count_nonzero(mask)), group_id=model_group_id(model))
+                   npix=int(np.count_nonzero(mask)), group_id=model_group_id(model),
+                   absurd=absurd)
     box = valid_box(mask, mask.shape, (0,) * mask.ndim)
+    src = _sources(data, mask, sigma, sources, red)
     if box is not None:
-        _reduce_box(data, sigma, mask, level, box, binning, red)
+        _reduce_box(data, sigma, mask, level, box, binning, red, equal=equal, src=src)
     return red
 
 
@@ -407,7 +479,7 @@ def _combine_grid_group(members):
 
 
 def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, client,
-                groups=None, level=None):
+                groups=None, level=None, robust=None, sources=None):
     checker, degree, ref, func, lattice = _grid_setup(library, degree, refpoint)
     ndim = len(checker.shape)
     b = _capped_binning(binning, checker.shape, "the common grid") if ndim == 2 else 1
@@ -415,7 +487,9 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
         log.info("wiimatch: binning applies to 2-D images; cubes are matched per pixel")
     log.info("wiimatch: reading %d models (%s)", len(library),
              f"{b}x{b} blocks" if b > 1 else "every pixel")
-    reduced = map_models(library, lambda m, k: _reduce_grid_model(m, k, dqflags, b, checker),
+    reduced = map_models(library, lambda m, k: _reduce_grid_model(m, k, dqflags, b, checker,
+                                                                  equal=robust is not None,
+                                                                  sources=sources),
                          modify=False, threads=threads, progress="read", client=client,
                          read_only=True)
     grid_shape = tuple(-(-n // b) for n in checker.shape) if b > 1 else checker.shape
@@ -442,7 +516,8 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
         return match_backgrounds(
             images, masks=None, sigmas=sigmas, degree=degree, center=(0.0,) * ndim,
             image2world=image2world, center_cs="world", solver=solver, threads=threads,
-            origins=origins, grid_shape=grid_shape, client=client, **level_args)
+            origins=origins, grid_shape=grid_shape, client=client, **level_args,
+            **(robust or {}))
 
     diag = {}
     if not shared:
@@ -462,7 +537,8 @@ def _spread(reduced, groups, goutcomes, gcomponents):
     for members, go in zip(groups, goutcomes):
         for k in members:
             outcomes[k] = Outcome(**{**go.__dict__, "name": reduced[k].name,
-                                     "npix": reduced[k].npix})
+                                     "npix": reduced[k].npix, "absurd": reduced[k].absurd,
+                                     "sources": reduced[k].sources})
     components = [sorted(k for j in comp for k in groups[j]) for comp in gcomponents]
     return outcomes, components
 
@@ -550,7 +626,7 @@ def _sky_cells(model, name, ref, step):
     return cx, cy
 
 
-def _reduce_sky_model(model, index, dqflags, ref, step, ref_given):
+def _reduce_sky_model(model, index, dqflags, ref, step, ref_given, sources=None):
     """Sums of one exposure's pixels over the cells of the sky grid that hold them.
 
     Every valid pixel goes to the cell that contains its centre, so a cell
@@ -562,8 +638,9 @@ def _reduce_sky_model(model, index, dqflags, ref, step, ref_given):
     name = _model_name(model, index)
     wcs = _check_exposure(model, name)
     data, sigma, mask, level, note = _read_pixels(model, dqflags, name)
+    mask, absurd = _absurd_cut(data, mask, sigma, name)
     red = _Reduced(name=name, has_err=sigma is not None, err_note=note,
-                   npix=int(np.count_nonzero(mask)))
+                   npix=int(np.count_nonzero(mask)), absurd=absurd)
     if ref_given:
         fr.check_refpoint_distance(model, ref, name)
     else:
@@ -574,6 +651,7 @@ def _reduce_sky_model(model, index, dqflags, ref, step, ref_given):
             return red
     if red.npix == 0:
         return red
+    src = _sources(data, mask, sigma, sources, red)
     cx, cy = _sky_cells(model, name, ref, step)
     ok = mask & np.isfinite(cx) & np.isfinite(cy)
     if not ok.any():
@@ -592,6 +670,11 @@ def _reduce_sky_model(model, index, dqflags, ref, step, ref_given):
         w = 1.0 / np.square(sigma[ok], dtype=np.float64)
         sums["w"] = np.bincount(flat, w, minlength=size)
         sums["wd"] = np.bincount(flat, w * d, minlength=size)
+        sums["v"] = np.bincount(flat, 1.0 / w, minlength=size)
+    if src is not None:  # cells holding a source pixel: not used
+        hit = np.bincount(flat, src[ok], minlength=size) > 0
+        for v in sums.values():
+            v[hit] = 0
     red.cells = {"origin": (y0, x0), "shape": shape,
                  **{k: v.reshape(shape).astype(np.float32) for k, v in sums.items()}}
     return red
@@ -621,7 +704,7 @@ def _combine_cells(cells_list, keys):
 
 
 def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, threads, client,
-               level=None):
+               level=None, robust=None, sources=None):
     degree = parse_degree(degree, 2)
     ref, step, binning = _sky_setup(library, refpoint, binning)
     log.info("wiimatch: reading %d exposures onto a grid of %.3g arcsec cells (%d input "
@@ -629,7 +712,8 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
              binning, ref[0], ref[1])
     ref_given = refpoint is not None and fr.check_refpoint(refpoint, 2) is not None
     reduced = map_models(
-        library, lambda m, k: _reduce_sky_model(m, k, dqflags, ref, step, ref_given),
+        library, lambda m, k: _reduce_sky_model(m, k, dqflags, ref, step, ref_given,
+                                                sources=sources),
         modify=False, threads=threads, progress="read", client=client, read_only=True)
 
     # ERR weights for all, or equal weights for all when an exposure has no ERR
@@ -637,6 +721,8 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
     if missing:
         _warn_equal_weights(missing)
     keys = ("n", "nd") if missing else ("w", "wd")
+    if robust is not None and not missing:  # plain cell means (see _reduce_box)
+        keys = ("n", "nd", "v")
     # one matching image per exposure group, on a grid whose cell (0, 0) is
     # the lowest cell any exposure reached; each exposure's sums are dropped
     # as soon as its group is built
@@ -646,8 +732,14 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
         g = _Reduced(name=reduced[members[0]].name,
                      npix=sum(reduced[k].npix for k in members), has_err=not missing)
         if cells:
-            g.origin, (sw, swd) = _combine_cells(cells, keys)
-            g.data, sigma = weighted_mean(sw, swd)
+            g.origin, sums = _combine_cells(cells, keys)
+            if len(keys) == 3:
+                sn, snd, sv = sums
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    g.data = np.where(sn > 0, snd / np.maximum(sn, 1), 0.0)
+                    sigma = np.where(sn > 0, np.sqrt(sv) / np.maximum(sn, 1), 0.0)
+            else:
+                g.data, sigma = weighted_mean(*sums)
             g.sigma = sigma.astype(np.float32)
         else:
             g.reason = next((reduced[k].reason for k in members if reduced[k].reason), None)
@@ -669,7 +761,7 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
         return match_backgrounds(images, masks=None, sigmas=sigmas, degree=degree,
                                  center=center, solver=solver, threads=threads,
                                  origins=origins, grid_shape=grid_shape, client=client,
-                                 **level_args)
+                                 **level_args, **(robust or {}))
 
     def to_frame(coef):  # grid-cell units -> degrees of the tangent plane
         return coef_from_scaled(coef[None, :], degree, (0.0, 0.0), (step, step))[0]
@@ -777,6 +869,16 @@ def _record_levels(outcomes, usable, result, names, args):
             outcomes[k].level = info
 
 
+def _robust_fields(result):
+    """``meta.wiimatch`` fields saying how robust matching ran (``robust='none'`` without)."""
+    info = getattr(result, "robust", None)
+    if not info:
+        return {"robust": "none"}
+    return {"robust": info["method"], "robust_nsigma": float(info["nsigma"]),
+            "robust_grow": int(info["grow"]), "robust_nclip": int(info["nclip"]),
+            "robust_passes": int(info["passes"])}
+
+
 def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
     """Run the engine on the usable reduced images; one Outcome per reduced image.
 
@@ -786,7 +888,8 @@ def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
     """
     n = len(reduced)
     names = [r.name for r in reduced]
-    outcomes = [Outcome(name=r.name, npix=r.npix) for r in reduced]
+    outcomes = [Outcome(name=r.name, npix=r.npix, absurd=r.absurd, sources=r.sources)
+                for r in reduced]
     usable = [k for k in range(n) if reduced[k].origin is not None]
     for k in range(n):
         if k not in usable:
@@ -820,6 +923,7 @@ def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
             o.rms_before = float(result.rms_before[j])
             o.undetermined = [tuple(int(e) for e in t[1]) for t in result.undetermined
                               if t[0] == j]
+            o.robust = _robust_fields(result)
     if level is not None:
         _record_levels(outcomes, usable, result, names, args)
     per_image, run = report.engine_diagnostics(
@@ -844,7 +948,7 @@ def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
 
 def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
                  solver="RLU", dqbits=pixels.DEFAULT_DQBITS, binning=1, threads=None,
-                 client=None, level=None):
+                 client=None, level=None, robust=None, sources=None):
     """Match the backgrounds of the models of a library.
 
     Parameters
@@ -878,6 +982,20 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
     level : LevelChoice, None
         How the common level of each group of overlapping models is chosen
         (None: the zero sum, without recording it in the outcomes).
+    robust : dict, None
+        Robust matching: keyword arguments of
+        :func:`jwst_wiimatch.core.match_backgrounds` (``robust``,
+        ``nsigma``, ``grow``, ``nclip``), on the matching grid (cells of
+        ``binning`` pixels); None: plain least squares. Absurd pixel values
+        are left out (and counted) whatever this says. With robust matching,
+        a block's value is the plain mean of its valid pixels (see
+        `_reduce_box`).
+    sources : float, None
+        Source masking: in each 2-D model, pixels more than ``sources``
+        times their ERR above the local background (medians of 32 x 32
+        pixel boxes), and those within 2 pixels of them, are marked; the
+        matching cells (blocks) holding them are left out of that model.
+        None or 0: off.
 
     Returns
     -------
@@ -893,12 +1011,13 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
         raise ValueError("the input holds no models: give at least two")
     if kind == "grid":
         return _match_grid(library, degree, refpoint, solver, dqflags, binning, threads,
-                           client, groups=groups, level=level)
+                           client, groups=groups, level=level, robust=robust,
+                           sources=sources)
     if kind == "sky":
         if groups is None:
             groups = [[k] for k in range(len(library))]
         return _match_sky(library, groups, degree, refpoint, solver, dqflags, binning,
-                          threads, client, level=level)
+                          threads, client, level=level, robust=robust, sources=sources)
     raise ValueError(f"kind={kind!r} must be 'grid' or 'sky'")
 
 
@@ -918,10 +1037,14 @@ def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra, cal_ste
         coefficients=outcome.coefficients, subtract=subtract, frame=summary.frame,
         npix=outcome.npix, rms=outcome.rms, rms_before=outcome.rms_before, level=level,
         solver=solver, dqbits=dqbits, undetermined=outcome.undetermined, cal_step=cal_step)
-    if extra or outcome.level or outcome.diagnostics:
+    if extra or outcome.level or outcome.diagnostics or outcome.robust:
         model.meta.wiimatch = {**model.meta.wiimatch.instance, **(extra or {}),
                                **(outcome.level or {}),
-                               **report.model_fields(outcome.diagnostics)}
+                               **report.model_fields(outcome.diagnostics),
+                               **(outcome.robust or {}),
+                               **({"npix_absurd": int(outcome.absurd),
+                                   "npix_sources": int(outcome.sources)} if outcome.robust
+                                  else {})}
     if subtract:
         entry = {"degree": list(summary.degree), "refpoint": summary.refpoint,
                  "coefficients": outcome.coefficients}

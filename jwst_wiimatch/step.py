@@ -67,6 +67,11 @@ class WiiMatchStep(Step):
     zero_sum = boolean(default=False)  # True: the zero-sum convention whatever match_down says (how to choose it in the skymatch slot, whose match_down is True by default)
     reference = string_list(default=None)  # models held fixed (polynomial 0), the others fitted to them: member file names or indices, e.g. x_i2d.fits or 0,2; a group without one follows match_down (with a warning)
     levels = float_list(default=None)  # absolute background of each model at refpoint (data units), one per model, nan where unknown, e.g. 0.31,nan,0.29: each group's common constant is set so that the backgrounds agree with them (least squares); not with reference
+    robust = string(default='clip')  # robust matching: 'clip' (default): pixels whose pair residual (normalised by the ERR of both models) exceeds nsigma robust sigmas are left out with their neighbours within grow cells, starting from cell medians that junk cannot move; 'huber' or 'tukey': down-weighted instead (slower, and a little noisier on clean data); 'none': plain least squares (wiimatch's). Absurd values (e.g. unflagged 1e30 fill values) are left out whatever this says
+    nclip = integer(min=1, default=3)  # robust matching: most reweighted passes over the data (as skymatch's nclip, the number of clipping iterations); they stop as soon as the fit no longer changes the rejections (usually after one)
+    nsigma = float(min=0.0, default=4.0)  # robust matching: rejection threshold in robust sigmas of each pair's normalised residuals (symmetric: a pair residual has no lower and upper side, so skymatch's lsigma and usigma do not apply)
+    source_nsigma = float(min=0.0, default=10.0)  # source masking: in each model, pixels more than source_nsigma times their ERR above the local background (interpolated between medians of 16x16-pixel boxes), with their 8 neighbours, are marked (sources, and junk such as cosmic rays and trails), and the matching cells holding them are left out of that model; 0 turns it off
+    grow = integer(min=0, default=1)  # robust matching: cells of the matching grid (binning x binning pixels) around a rejected one also left out, so that trails and blobs go with their fainter edges
     binning = integer(min=1, default=4)  # match on averages of binning x binning blocks of the grid (1: every pixel; reduced for grids under 64*binning pixels a side): smooth backgrounds stay at the noise floor with 16x less memory
     maximum_cores = string(default='all')  # worker threads for reading, matching and subtracting: 'all', 'half', 'quarter', 'none' (one) or a number
     scheduler = string(default=None)  # address of a dask.distributed scheduler (e.g. tcp://host:8786): models kept in files are read and reduced, and the pair sums accumulated, as tasks on its workers (needs the dask extra)
@@ -183,7 +188,8 @@ class WiiMatchStep(Step):
         outcomes, summary = match_models(
             library, kind=kind, groups=groups, degree=self.degree, refpoint=self.refpoint,
             solver=solver, dqbits=self.dqbits, binning=self.binning, threads=threads,
-            client=client, level=level)
+            client=client, level=level, robust=self._robust_args(),
+            sources=float(self.source_nsigma) or None)
         # the PNG's mosaics read the models before any subtraction
         sums = (report.mosaic_sums(library, outcomes, summary, self.dqbits, threads, kind)
                 if paths and paths[1] else None)
@@ -224,6 +230,17 @@ class WiiMatchStep(Step):
             log.info("wiimatch: PNG report written to %s", png_path)
         report.write_json(json_path, rep)
         log.info("wiimatch: JSON report written to %s", json_path)
+
+    def _robust_args(self):
+        """Engine keyword arguments of robust matching (None: ``robust='none'``)."""
+        method = "none" if self.robust is None else str(self.robust).strip().lower()
+        if method in ("none", "", "false"):
+            return None
+        if method not in ("clip", "huber", "tukey"):
+            raise ValueError(f"robust={self.robust!r}: give 'clip', 'huber', 'tukey' or "
+                             "'none' (plain least squares)")
+        return {"robust": method, "nsigma": float(self.nsigma), "grow": int(self.grow),
+                "nclip": int(self.nclip)}
 
     def _level_choice(self, library):
         """The `LevelChoice` of ``match_down``, ``reference`` and ``levels``.

@@ -284,8 +284,11 @@ def test_pipeline_dqbits_reaches_the_slot(field, tmp_path):
     def level(dqbits, name):
         out = tmp_path / name
         out.mkdir()
+        # plain least squares: robust matching (the default) would leave the
+        # junk out by itself, DQ or not
         run_cmdline(["calwebb_image3_wiimatch", asn, *SKIP_ARGS,
                      "--steps.skymatch.save_results=true", f"--steps.skymatch.dqbits={dqbits}",
+                     "--steps.skymatch.robust=none", "--steps.skymatch.source_nsigma=0",
                      f"--output_dir={out}"])
         files = sorted(glob.glob(str(out / "*_skymatch.fits")))
         return np.array([entry_of(open_model(f))["coefficients"][0] for f in files])
@@ -298,6 +301,43 @@ def test_pipeline_dqbits_reaches_the_slot(field, tmp_path):
     # the junk (50 over a sixteenth of a detector) pulls the fit by ~1
     assert np.max(np.abs(ignored - good)) > 0.5
     assert np.max(np.abs(listed - good)) > 0.5
+
+
+def test_pipeline_robust_leaves_unflagged_junk_out(field, tmp_path):
+    """The skymatch slot's default (robust matching, source masking) leaves
+    unflagged junk in one calibrated exposure out: the levels stay those of the
+    clean exposures; plain least squares is pulled by ~1."""
+    import shutil
+
+    src = os.path.dirname(field)
+
+    def level(junk, args, name):
+        work = tmp_path / f"in_{name}"
+        shutil.copytree(src, work)
+        if junk:
+            first = sorted(glob.glob(str(work / "*_cal.fits")))[0]
+            m = open_model(first)
+            ny, nx = m.data.shape
+            m.data[ny // 4: ny // 2, nx // 4: nx // 2] += 50.0  # not flagged
+            m.data[ny // 2, :] += 30.0  # a trail
+            m.save(first)
+        out = tmp_path / name
+        out.mkdir()
+        run_cmdline(["calwebb_image3_wiimatch", str(work / os.path.basename(field)),
+                     *SKIP_ARGS, "--steps.skymatch.save_results=true", *args,
+                     f"--output_dir={out}"])
+        files = sorted(glob.glob(str(out / "*_skymatch.fits")))
+        models = [open_model(f) for f in files]
+        return (np.array([entry_of(m)["coefficients"][0] for m in models]),
+                [m.meta.wiimatch.instance for m in models])
+
+    clean, _ = level(False, [], "clean")
+    robust, info = level(True, [], "robust")
+    plain, _ = level(True, ["--steps.skymatch.robust=none",
+                            "--steps.skymatch.source_nsigma=0"], "plain")
+    assert np.max(np.abs(plain - clean)) > 0.5
+    assert np.max(np.abs(robust - clean)) < 0.05
+    assert info[0]["robust"] == "clip" and info[0]["npix_sources"] > 0
 
 
 def test_seams_wiimatch_vs_skymatch(field, flat_field, tmp_path):

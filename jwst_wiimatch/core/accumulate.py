@@ -53,6 +53,14 @@ class PairMoments:
     #: per image: valid pixels left out because their (finite, positive)
     #: sigma is too small or too large for its square to be a normal float64
     sigma_out: np.ndarray = None
+    #: per image: valid pixels left out as absurd (outside ``Problem.limits``)
+    absurd: np.ndarray = None
+    #: robust passes: per pair, pixels of the overlap left out (weight 0);
+    #: per image, pixels left out of every pair that covers them
+    rejected: dict = field(default_factory=dict)
+    image_rejected: np.ndarray = None
+    #: what the robust passes did (see :func:`jwst_wiimatch.core.robust.robust_moments`)
+    robust: dict = None
 
     def add_pair(self, key, s, t, chi, npix):
         """Add the sums of one pair over one part of the grid."""
@@ -75,6 +83,12 @@ class PairMoments:
         self.nonfinite += other.nonfinite
         self.bad_coords += other.bad_coords
         self.sigma_out += other.sigma_out
+        if self.absurd is not None and other.absurd is not None:
+            self.absurd += other.absurd
+        for key, r in other.rejected.items():
+            self.rejected[key] = self.rejected.get(key, 0) + r
+        if self.image_rejected is not None and other.image_rejected is not None:
+            self.image_rejected += other.image_rejected
 
 
 def valid_box(mask, shape, origin):
@@ -158,17 +172,22 @@ def _sigma_block(prob, l, sl):
     return sb
 
 
-def _prepare_image(prob, l, box):
+def _prepare_image(prob, l, box, step=None):
     """Float64 data (0 where invalid), variance (inf where invalid) and validity of a box.
 
-    Also returns ``(nonfinite, sigma_out)``: the number of pixels that the
+    Also returns ``(nonfinite, sigma_out, absurd)``: the number of pixels that the
     mask marks valid, whose sigma is not <= 0, but whose data or sigma is NaN
-    or infinite; and the number of valid, finite pixels whose sigma is > 0
+    or infinite; the number of valid, finite pixels whose sigma is > 0
     but outside ``[SIGMA_MIN, SIGMA_MAX]`` (left out: see
-    :func:`jwst_wiimatch.core.inputs.common_sigma_scale`). The caller's
+    :func:`jwst_wiimatch.core.inputs.common_sigma_scale`); and the number of
+    the remaining pixels whose value is outside the image's
+    ``prob.limits`` (left out as absurd). The caller's
     arrays are only read (checks run on the input dtype, float32 stays cheap).
+    ``step`` (an int) takes every ``step``-th pixel of the box along each axis.
     """
     sl = _slices(box, prob.origins[l])
+    if step is not None:
+        sl = tuple(slice(s.start, s.stop, step) for s in sl)
     src = np.asarray(prob.images[l][sl])
     m = prob.masks[l]
     valid = np.ones(src.shape, dtype=bool) if m is None else np.asarray(m[sl]).astype(bool)
@@ -180,7 +199,7 @@ def _prepare_image(prob, l, box):
             if s > 0 and np.isfinite(s):
                 out = int(np.count_nonzero(valid & np.isfinite(src)))
             return (np.zeros(src.shape), np.full(src.shape, np.inf),
-                    np.zeros(src.shape, dtype=bool), (0, out))
+                    np.zeros(src.shape, dtype=bool), (0, out, 0))
     else:
         sb = _sigma_block(prob, l, sl)
     fin = np.isfinite(src)
@@ -201,10 +220,18 @@ def _prepare_image(prob, l, box):
         if not good.all():
             out = int(np.count_nonzero(valid & ~good & (sb > 0)))
             valid &= good
+    absurd = 0
+    lim = None if prob.limits is None else prob.limits[l]
+    if lim is not None:
+        with np.errstate(invalid="ignore"):
+            inside = (src >= lim[0]) & (src <= lim[1])
+        if not inside.all():
+            absurd = int(np.count_nonzero(valid & ~inside))
+            valid &= inside
     if valid.all():  # common inside a footprint: plain conversions
         d = src.astype(np.float64)
         var = np.full(src.shape, s * s) if sb is None else np.square(sb, dtype=np.float64)
-        return d, var, valid, (nonfinite, out)
+        return d, var, valid, (nonfinite, out, absurd)
     d = np.zeros(src.shape)
     np.copyto(d, src, where=valid)
     var = np.full(src.shape, np.inf)
@@ -212,7 +239,7 @@ def _prepare_image(prob, l, box):
         np.copyto(var, s * s, where=valid)
     else:
         np.square(sb, out=var, where=valid, dtype=np.float64)
-    return d, var, valid, (nonfinite, out)
+    return d, var, valid, (nonfinite, out, absurd)
 
 
 def _fill_image(prob, l, box, d, var):
@@ -268,8 +295,13 @@ def _fill_image(prob, l, box, d, var):
         else:
             ok = np.isfinite(np.add.reduce(d, axis=None)) and \
                 np.isfinite(np.max(var, where=mb, initial=0.0))
+        lim = None if prob.limits is None else prob.limits[l]
+        if ok and lim is not None:  # values outside the limits: the careful path
+            w = True if mb is None else mb
+            ok = float(np.min(d, where=w, initial=np.inf)) >= lim[0] and \
+                float(np.max(d, where=w, initial=-np.inf)) <= lim[1]
     if ok:
-        return mb, (0, 0)
+        return mb, (0, 0, 0)
     dd, vv, valid, counts = _prepare_image(prob, l, box)
     d[...] = dd
     var[...] = vv
@@ -321,8 +353,10 @@ class _BlockSums(NamedTuple):
     chi: np.ndarray  # (P,)
     npix: np.ndarray  # (P,) int64
     image_npix: np.ndarray  # (n,) int64
-    nonfinite: np.ndarray  # (n, 2) int64: non-finite, sigma out of range
+    nonfinite: np.ndarray  # (n, 3) int64: non-finite, sigma out of range, absurd
     bad_coords: int
+    rejected: np.ndarray = None  # (P,) int64, robust passes: pixels left out per pair
+    image_rejected: np.ndarray = None  # (n,) int64: left out of all the image's pairs
 
 
 class _Sums:
@@ -336,12 +370,14 @@ class _Sums:
         self.chi = np.zeros(16)
         self.npix = np.zeros(16, dtype=np.int64)
         self.image_npix = np.zeros(n, dtype=np.int64)
-        self.nonfinite = np.zeros((n, 2), dtype=np.int64)
+        self.nonfinite = np.zeros((n, 3), dtype=np.int64)
         self.bad_coords = 0
+        self.rejected = np.zeros(16, dtype=np.int64)
+        self.image_rejected = np.zeros(n, dtype=np.int64)
 
     def _grow(self, need):
         cap = max(need, 2 * len(self.chi))
-        for name in ("S", "T", "chi", "npix"):
+        for name in ("S", "T", "chi", "npix", "rejected"):
             old = getattr(self, name)
             new = np.zeros((cap,) + old.shape[1:], dtype=old.dtype)
             new[:len(old)] = old
@@ -351,6 +387,8 @@ class _Sums:
         self.image_npix += part.image_npix
         self.nonfinite += part.nonfinite
         self.bad_coords += part.bad_coords
+        if part.image_rejected is not None:
+            self.image_rejected += part.image_rejected
         if not part.keys:
             return
         rows = self.rows
@@ -362,22 +400,29 @@ class _Sums:
         self.T[idx] += part.T
         self.chi[idx] += part.chi
         self.npix[idx] += part.npix
+        if part.rejected is not None:
+            self.rejected[idx] += part.rejected
 
     def moments(self, mshape, dshape):
         res = PairMoments(self.n, image_npix=self.image_npix,
                           nonfinite=self.nonfinite[:, 0].copy(),
                           sigma_out=self.nonfinite[:, 1].copy(),
-                          bad_coords=self.bad_coords)
+                          absurd=self.nonfinite[:, 2].copy(),
+                          bad_coords=self.bad_coords,
+                          image_rejected=self.image_rejected)
         for key, r in self.rows.items():
             res.S[key] = self.S[r].reshape(mshape).copy()
             res.T[key] = self.T[r].reshape(dshape).copy()
             res.chi[key] = float(self.chi[r])
             res.npix[key] = int(self.npix[r])
+            res.rejected[key] = int(self.rejected[r])
         return res
 
 
 class _Accumulator:
-    def __init__(self, prob, frame, bboxes):
+    def __init__(self, prob, frame, bboxes, robust=None):
+        #: a :class:`jwst_wiimatch.core.robust.RobustPass` (None: plain sums)
+        self.rob = robust
         self.prob = prob
         self.frame = frame
         self.bboxes = bboxes
@@ -410,11 +455,131 @@ class _Accumulator:
 
         return outer(self.mshape), outer(self.dshape)
 
+    def _image_polys(self, labels, ebox, u, ok):
+        """``(k, npx)`` values of the current polynomials of images ``labels`` on ``ebox``."""
+        coef = self.rob.coef_u[labels]
+        k = len(labels)
+        nd = len(ebox)
+        if self.frame.separable:
+            sl = _slices(ebox)
+            arr = coef.reshape((k,) + self.dshape)
+            for j in range(nd):
+                p = self.axis_powers[j][sl[nd - 1 - j]][:, :self.deg[j] + 1]
+                arr = np.tensordot(arr, p, axes=([1], [1]))
+            return np.ascontiguousarray(
+                arr.transpose((0,) + tuple(range(nd, 0, -1)))).reshape(k, -1)
+        npix = u[0].size
+        pows = [_powers(a if ok is None else np.where(ok, a, 0.0), d)
+                for a, d in zip(u, self.deg)]
+        phid = pows[0]
+        for p in pows[1:]:
+            phid = (phid[:, None, :] * p[None, :, :]).reshape(-1, npix)
+        return coef @ phid
+
+    def _monomials_at(self, idx, eshape, origin, u):
+        """``(n, prod(2 D + 1))`` and ``(n, prod(D + 1))`` monomials at flat indices of a box."""
+        nd = len(eshape)
+        if self.frame.separable:
+            coords = np.unravel_index(idx, eshape)
+            pows = [self.axis_powers[j][coords[nd - 1 - j] + origin[nd - 1 - j]]
+                    for j in range(nd)]
+        else:
+            pows = [_powers(a[idx], md).T for a, md in zip(u, self.mdeg)]
+
+        def outer(sizes):
+            phi = pows[0][:, :sizes[0]]
+            for p, sz in zip(pows[1:], sizes[1:]):
+                phi = (phi[:, :, None] * p[:, None, :sz]).reshape(idx.size, -1)
+            return phi
+
+        return outer(self.mshape), outer(self.dshape)
+
+    def _robust_chunk(self, W, DF, polys, runs, t2, cw, seeds, g0, p0, p1):
+        """Robust pass, one chunk (pairs ``g0 ...``, pixels ``p0:p1``): collect the
+        pixels beyond the threshold (``seeds``) and, for Huber / Tukey, multiply
+        the weights ``W`` by the robust weights. The rejected pixels and their
+        surroundings are taken out of the sums afterwards (`_reject`)."""
+        R = np.empty_like(W)
+        for a, bsel, j0, j1 in runs:
+            np.subtract(polys[a, p0:p1], polys[bsel, p0:p1], out=R[j0:j1])
+        np.subtract(DF, R, out=R)
+        np.multiply(R, R, out=R)
+        np.multiply(R, W, out=R)  # squared normalised residual (0 where not valid)
+        hit = R > t2[:, None]
+        if hit.any():
+            pi, px = np.nonzero(hit)
+            cut = np.flatnonzero(np.diff(pi)) + 1
+            for grp in np.split(np.arange(pi.size), cut):
+                seeds[g0 + int(pi[grp[0]])].append(px[grp] + p0)
+        if self.rob.method != "clip":
+            np.sqrt(R, out=R)
+            R /= cw[:, None]
+            W *= self.rob.weight(R)
+
+    def _reject(self, seeds, S, T, chi, D, V, polys, eshape, origin, labels, ial, ibl, u,
+                keys):
+        """Take the rejected pixels of each pair, grown by ``grow``, out of its sums.
+
+        Returns ``(rejected, image_rejected)``: per pair, the pixels left
+        out; per image (all images), the pixels left out of every pair of the
+        block that covers them (every other image valid there).
+        """
+        from .robust import dilate_flat
+
+        rob = self.rob
+        P = len(seeds)
+        npx = D.shape[1]
+        rejected = np.zeros(P, dtype=np.int64)
+        image_rejected = np.zeros(self.n, dtype=np.int64)
+        parts = [np.concatenate(sd) + j * npx for j, sd in enumerate(seeds) if sd]
+        if not parts:
+            return rejected, image_rejected
+        flat = np.concatenate(parts)
+        if rob.grow:  # grown within each pair's plane only
+            flat = dilate_flat(flat, (P,) + tuple(eshape), rob.grow, skip_first=True)
+        else:
+            flat = np.unique(flat)
+        j, idx = np.divmod(flat, npx)
+        ia, ib = np.asarray(ial)[j], np.asarray(ibl)[j]
+        v = V[ia, idx] + V[ib, idx]
+        fin = np.isfinite(v)
+        if not fin.all():
+            j, idx, ia, ib, v = j[fin], idx[fin], ia[fin], ib[fin], v[fin]
+        if idx.size == 0:
+            return rejected, image_rejected
+        w = 1.0 / v
+        df = D[ia, idx] - D[ib, idx]
+        if rob.method != "clip":
+            cw = np.array([rob.cw.get(key, np.inf) for key in keys])[j]
+            r = np.abs(df - (polys[ia, idx] - polys[ib, idx])) * np.sqrt(w)
+            w = w * rob.weight(r / cw)
+        phi, phid = self._monomials_at(idx, eshape, origin, u)
+        wd = w * df
+        rows = np.unique(j)
+        # sums per pair of the rejected pixels' contributions
+        S[rows] -= np.stack([np.bincount(j, w * phi[:, q], minlength=P)[rows]
+                             for q in range(phi.shape[1])], axis=1)
+        T[rows] -= np.stack([np.bincount(j, wd * phid[:, q], minlength=P)[rows]
+                             for q in range(phid.shape[1])], axis=1)
+        chi -= np.bincount(j, wd * df, minlength=P)
+        rejected += np.bincount(j, minlength=P)
+        # a pixel of image i is rejected from all its pairs when the pairs of i
+        # that reject it are as many as the other images valid there
+        code = np.concatenate([ia * npx + idx, ib * npx + idx])
+        code, count = np.unique(code, return_counts=True)
+        img, pix = np.divmod(code, npx)
+        upix, inv = np.unique(pix, return_inverse=True)
+        nvalid = np.count_nonzero(np.isfinite(V[:, upix]), axis=0)
+        alls = count == nvalid[inv] - 1
+        if alls.any():
+            np.add.at(image_rejected, np.asarray(labels)[img[alls]], 1)
+        return rejected, image_rejected
+
     def block(self, bslices):
         n = self.n
         nd = len(bslices)
         image_npix = np.zeros(n, dtype=np.int64)
-        nonfinite = np.zeros((n, 2), dtype=np.int64)
+        nonfinite = np.zeros((n, 3), dtype=np.int64)
         nS, nT = int(np.prod(self.mshape)), int(np.prod(self.dshape))
         empty = _BlockSums([], np.zeros((0, nS)), np.zeros((0, nT)), np.zeros(0),
                            np.zeros(0, dtype=np.int64), image_npix, nonfinite, 0)
@@ -522,6 +687,12 @@ class _Accumulator:
         S = np.zeros((P, nS))
         T = np.zeros((P, nT))
         chi = np.zeros(P)
+        rob = self.rob
+        if rob is not None:
+            polys = self._image_polys(labels, ebox, u, ok)
+            t2v = np.array([rob.t2.get(key, np.inf) for key in keys])
+            cwv = np.array([rob.cw.get(key, np.inf) for key in keys])
+            seeds = [[] for _ in range(P)]
 
         # Groups of at most PAIR_BATCH pairs, over chunks of rows of the
         # box holding at most about STACK_ELEMS values per stack: a handful
@@ -562,6 +733,9 @@ class _Accumulator:
                     np.add(V[a, p0:p1], V[bsel, p0:p1], out=W[j0:j1])
                     np.subtract(D[a, p0:p1], D[bsel, p0:p1], out=DF[j0:j1])
                 np.reciprocal(W, out=W)
+                if rob is not None:
+                    self._robust_chunk(W, DF, polys, runs, t2v[g0:g1], cwv[g0:g1], seeds,
+                                       g0, p0, p1)
                 np.multiply(W, DF, out=WD)
                 # one BLAS dot per pair (np.dot releases the GIL, matmul does
                 # not); its rounding of sum(w d**2) also agrees with that of
@@ -579,6 +753,11 @@ class _Accumulator:
                         [a[p0:p1] for a in u], None if ok is None else ok[p0:p1])
                     S[g0:g1] += np.dot(W, phi.T)
                     T[g0:g1] += np.dot(WD, phid.T)
+        if rob is not None:
+            rejected, image_rejected = self._reject(
+                seeds, S, T, chi, D, V, polys, eshape, origin, labels, ial, ibl, u, keys)
+            return _BlockSums(keys, S, T, chi, npix, image_npix, nonfinite, bad_coords,
+                              rejected, image_rejected)
         return _BlockSums(keys, S, T, chi, npix, image_npix, nonfinite, bad_coords)
 
 
@@ -594,7 +773,7 @@ def _n_threads():
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def accumulate(prob, frame, threads=None, client=None):
+def accumulate(prob, frame, threads=None, client=None, robust=None):
     """Sum the pair moments of a validated problem over the whole grid.
 
     Parameters
@@ -610,6 +789,10 @@ def accumulate(prob, frame, threads=None, client=None):
         the workers once, each task sums a run of consecutive blocks, and the
         block sums are added here in block order, so the result is the same
         as the local one.
+    robust : jwst_wiimatch.core.robust.RobustPass, None
+        A robust pass: pixels whose pair residual (given the pass's
+        polynomials) is beyond its threshold are left out with their
+        surroundings, and the others weighted (see :mod:`.robust`).
 
     Returns
     -------
@@ -618,7 +801,7 @@ def accumulate(prob, frame, threads=None, client=None):
     nthreads = threads if threads is not None else _n_threads()
     pool = ThreadPoolExecutor(max_workers=nthreads) if nthreads > 1 else None
     try:
-        return _accumulate(prob, frame, pool, client)
+        return _accumulate(prob, frame, pool, client, robust)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -646,13 +829,13 @@ def _on_cluster(client, acc, blocks):
         yield from parts
 
 
-def _accumulate(prob, frame, pool, client=None):
+def _accumulate(prob, frame, pool, client=None, robust=None):
     n = len(prob.images)
     # the masks' boxes are whole-mask reductions: in the pool too
     mapper = map if pool is None else pool.map
     bboxes = list(mapper(valid_box, prob.masks, [im.shape for im in prob.images],
                          prob.origins))
-    acc = _Accumulator(prob, frame, bboxes)
+    acc = _Accumulator(prob, frame, bboxes, robust)
 
     nmom = int(np.prod([2 * d + 1 for d in prob.degree]))
     ndat = int(np.prod([d + 1 for d in prob.degree]))

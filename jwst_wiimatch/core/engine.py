@@ -17,6 +17,7 @@ from .inputs import (check_center, check_inputs, check_solver, common_sigma_scal
 from .diagnostics import fit_diagnostics
 from .levels import check_level_args, image_means, level_shifts, pick_extreme
 from .poly import basis_loss, coef_from_scaled, moments_to_basis
+from .robust import check_robust, robust_moments
 from .solve import MatchWarning, _components, assemble, gram_index, pinv_tol, solve_system
 
 __all__ = ["MatchResult", "match_backgrounds"]
@@ -87,6 +88,21 @@ class MatchResult:
         Per pair, per image and per group: pixels, weighted residual RMS and
         normalised chi-square (1.0 = noise) before and after matching, and
         the groups' condition numbers.
+    rejected : numpy.ndarray, None
+        Robust matching (None without): ``(N,)`` pixels of each image left
+        out of every pair that covers them (junk attributed to that image;
+        where only two images overlap, a rejected pixel counts for both).
+    pair_rejected : numpy.ndarray, None
+        Robust matching: ``(N, N)`` pixels of each pair's overlap left out
+        (weight 0); ``pair_npix`` still counts them.
+    absurd : numpy.ndarray
+        ``(N,)`` valid pixels left out as absurd values (see ``max_abs``);
+        zeros without a cut.
+    robust : dict, None
+        Robust matching: ``method``, ``nsigma``, ``grow``, ``nclip``,
+        ``passes`` (reweighted passes done), ``converged``, ``stride`` (of
+        the start's lattice) and ``scale`` (per pair ``(l, m)``: the robust
+        sigma of its normalised residuals; 1.0 when the sigmas are right).
     """
 
     coef: np.ndarray
@@ -107,6 +123,10 @@ class MatchResult:
     mean_background: np.ndarray = None
     condition: list = field(default_factory=list)
     diagnostics: object = field(repr=False, default=None)
+    rejected: np.ndarray = None
+    pair_rejected: np.ndarray = None
+    absurd: np.ndarray = None
+    robust: dict = None
 
     def equations(self):
         """The normal equations ``(a, b)`` in the documented (unscaled) basis."""
@@ -153,8 +173,12 @@ def _residuals(mom, coef_u, degree):
 
 def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
                   center_cs="image", threads=None, origins=None, grid_shape=None,
-                  client=None):
+                  client=None, robust=None, max_abs=None, solver="RLU"):
     """Check the inputs and accumulate the pair moments.
+
+    With ``robust`` (a :class:`~jwst_wiimatch.core.robust.RobustOptions`) the
+    moments are those of the last reweighted pass (see :mod:`.robust`);
+    ``max_abs`` (without ``robust``) leaves out values beyond +-max_abs.
 
     Returns
     -------
@@ -168,7 +192,28 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
     frame = make_frame(prob.shape, center, image2world, center_cs)
     log.debug("accumulating %d images of shape %s, degree %s",
               len(prob.images), prob.shape, prob.degree)
-    mom = accumulate(prob, frame, threads=threads, client=client)
+    if robust is None and max_abs is not None:
+        prob.limits = [(-float(max_abs), float(max_abs))] * len(prob.images)
+
+    def moments():
+        if robust is None:
+            return accumulate(prob, frame, threads=threads, client=client)
+        n = len(prob.images)
+        tol = pinv_tol(prob.images[0].dtype) if solver == "PINV" else None
+
+        def solve(S, T):
+            a, b = assemble(n, prob.degree, S, T)
+            return solve_system(a, b, n, method=solver, tol=tol, degree=prob.degree,
+                                quiet=True)[0]
+
+        mom, info = robust_moments(
+            prob, frame, robust,
+            lambda rp: accumulate(prob, frame, threads=threads, client=client, robust=rp),
+            solve)
+        mom.robust = info
+        return mom
+
+    mom = moments()
     if prob.has_sigmas and (mom.sigma_out.any() or not _finite(mom)):
         # sigmas so small or large that their squares (or the sums of the
         # weights) leave float64: a common scale changes no result
@@ -177,7 +222,7 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
             log.debug("sigmas divided by %g so that their squares fit in float64", scale)
             prob.sigmas = [s / scale if isinstance(s, float) else s for s in prob.sigmas]
             prob.sigma_scale = scale
-            mom = accumulate(prob, frame, threads=threads, client=client)
+            mom = moments()
     out = np.flatnonzero(mom.sigma_out)
     if out.size:
         counts = ", ".join(f"images[{l}]: {mom.sigma_out[l]}" for l in out)
@@ -196,6 +241,12 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
         warnings.warn(
             "pixels that the masks mark valid have NaN or infinite data or sigma and were "
             f"left out of the fit ({counts}).", MatchWarning, stacklevel=4)
+    bad = np.flatnonzero(mom.absurd) if mom.absurd is not None else []
+    if len(bad):
+        counts = ", ".join(f"images[{l}]: {mom.absurd[l]}" for l in bad)
+        warnings.warn(
+            "pixels with absurd values (far beyond any value of their image, e.g. unflagged "
+            f"fill values) were left out of the fit ({counts}).", MatchWarning, stacklevel=4)
     if mom.bad_coords:
         warnings.warn(
             f"image2world gave non-finite coordinates for {mom.bad_coords} valid pixel(s) "
@@ -206,7 +257,8 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
 def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
                       image2world=None, center_cs="image", solver="RLU", threads=None,
                       origins=None, grid_shape=None, client=None, level="zero_sum",
-                      reference=None, levels=None):
+                      reference=None, levels=None, robust=None, nsigma=4.0, grow=1,
+                      nclip=3, max_abs=None):
     """Match the backgrounds of images on one grid; full result with diagnostics.
 
     Takes the arguments of :func:`jwst_wiimatch.match.match_lsq` (without
@@ -258,6 +310,28 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         the given levels in the least-squares sense (the mean of the
         differences); the other terms follow ``level``. A group without a
         level is named in a :class:`MatchWarning`. Not with ``reference``.
+    robust : {None, 'clip', 'huber', 'tukey'}
+        Robust matching (see ``docs/algorithm.rst``, "Robust matching"):
+        None (default): plain least squares, wiimatch's; otherwise a start
+        from cell medians of the pair differences, then at most ``nclip``
+        reweighted passes in which pixels whose normalised pair residual
+        exceeds ``nsigma`` robust sigmas are left out with their
+        neighbours within ``grow`` pixels, and the others weighted by 1
+        (``'clip'``), Huber's or Tukey's weight. Rejections are reported
+        (``rejected``, ``pair_rejected``, ``robust``).
+    nsigma : float
+        Rejection threshold, in robust sigmas of each pair's normalised
+        residuals (robust matching only).
+    grow : int
+        Pixels around a rejected pixel also left out (robust matching only).
+    nclip : int
+        Most reweighted passes (robust matching only); they stop when the
+        fit no longer changes the rejections.
+    max_abs : float, None
+        Values with ``|value| > max_abs`` are left out before any sum and
+        counted (``absurd``). None: no cut without ``robust``; with
+        ``robust``, values further than ``1e10`` spreads from their image's
+        median (e.g. unflagged 1e30 fill values) are.
 
     Examples
     --------
@@ -278,10 +352,14 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
     """
     t0 = time.perf_counter()
     method = check_solver(solver)
+    ropts = check_robust(robust, nsigma=nsigma, grow=grow, nclip=nclip, max_abs=max_abs)
+    if max_abs is not None and not float(max_abs) > 0:
+        raise ValueError(f"max_abs={max_abs!r} must be > 0 (or None).")
     prob, frame, mom = build_moments(images, masks, sigmas, degree, center=center,
                                      image2world=image2world, center_cs=center_cs,
                                      threads=threads, origins=origins,
-                                     grid_shape=grid_shape, client=client)
+                                     grid_shape=grid_shape, client=client, robust=ropts,
+                                     max_abs=max_abs, solver=method)
     n = len(prob.images)
     level, refs, lev = check_level_args(level, reference, levels, n)
     a_u, b_u = assemble(n, prob.degree, mom.S, mom.T)
@@ -309,7 +387,9 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
     rms, rms_before, pair_npix = _residuals(mom, coef_u, prob.degree)
     diag = fit_diagnostics(mom, coef_u, prob.degree, info.components, info.condition,
                            info.undetermined, [c["reference"] for c in conventions],
-                           sigma_scale=prob.sigma_scale, weighted=prob.has_sigmas)
+                           sigma_scale=prob.sigma_scale, weighted=prob.has_sigmas,
+                           rejected=mom.image_rejected if mom.robust else None,
+                           pair_rejected=mom.rejected if mom.robust else None)
     log.debug("matched %d images (%d overlapping pairs) in %.3f s",
               n, len(mom.S), time.perf_counter() - t0)
     return MatchResult(
@@ -318,7 +398,19 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         rms=rms, rms_before=rms_before, components=info.components,
         isolated=info.isolated, undetermined=info.undetermined, frame=frame, moments=mom,
         basis_loss=loss, conventions=conventions, mean_background=means,
-        condition=list(info.condition), diagnostics=diag)
+        condition=list(info.condition), diagnostics=diag, **_rejections(mom, n))
+
+
+def _rejections(mom, n):
+    """The robust-matching fields of :class:`MatchResult`."""
+    absurd = np.zeros(n, dtype=np.int64) if mom.absurd is None else mom.absurd
+    if mom.robust is None:
+        return {"absurd": absurd}
+    pair = np.zeros((n, n), dtype=np.int64)
+    for (l, m), r in mom.rejected.items():
+        pair[l, m] = pair[m, l] = r
+    return {"absurd": absurd, "rejected": mom.image_rejected.copy(), "pair_rejected": pair,
+            "robust": mom.robust}
 
 
 def _solve_with_level(a_u, b_u, n, solve, level, refs, prob, frame):

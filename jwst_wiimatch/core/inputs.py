@@ -47,6 +47,9 @@ class Problem:
     origins: list = None  # grid index (numpy order) of each image's first pixel
     sigma_scale: float = 1.0  # array sigmas are divided by this (scalars already are)
     unusable: dict = field(default_factory=dict)  # image -> why it has no usable pixel
+    #: per image: ``(lo, hi)`` outside which a value is left out as absurd (e.g. an
+    #: unflagged fill value), or None; None: no cut (the reference behaviour)
+    limits: list = None
 
 
 def _as_real_array(x, what):

@@ -1,0 +1,660 @@
+"""Robust matching: a start that junk cannot move, then reweighted passes.
+
+Plain least squares lets every pixel pull on the fit in proportion to its
+residual: one unflagged cosmic ray, satellite trail or fill value in one
+image moves every background. Robust matching (``robust=`` of
+:func:`jwst_wiimatch.core.match_backgrounds`) works on the normalised pair
+residuals
+
+.. math::
+
+    r_{lm}(k) = \\frac{(I_l - P_l) - (I_m - P_m)}{\\sqrt{\\sigma_l^2 + \\sigma_m^2}}
+
+in three steps:
+
+1. **Absurd values** (outside ``median +- 1e10 x spread`` of each image, e.g.
+   an unflagged 1e30 fill value, or outside ``+-max_abs``) are left out before
+   any sum, and counted.
+2. **A robust start.** Every image is sampled on one lattice of the grid (every
+   pixel on grids up to 2**18 pixels, else every ``stride``-th pixel along each
+   axis), and for every overlapping pair the sampled differences
+   ``I_l - I_m`` are grouped in cells (16 x 16 lattice points in 2-D): the
+   median of each cell, weighted by the cell's summed weights, stands for it
+   in a least-squares solve (the same normal equations, with cells for
+   pixels). A cell median does not move when a few of its pixels are
+   absurd, and a trail or a blob spoils only the cells it crosses. The
+   scale ``s_lm`` of each pair's normalised residuals is measured there too
+   (1.4826 x the median absolute deviation from the cell medians).
+3. **Reweighted passes** (at most ``nclip``) over all the pixels, block by
+   block, as the plain accumulation: a pixel whose residual, given the
+   previous polynomials, exceeds ``nsigma * s_lm`` is rejected *together
+   with its neighbours within* ``grow`` *pixels* (a trail or a blob is
+   left out with its fainter edges, not only its brightest pixels), and the
+   others get weight 1 (``'clip'``), Huber's ``min(1, c/|r|)`` with
+   ``c = 1.345 s`` (``'huber'``) or Tukey's biweight ``(1 - (r/c)^2)^2``
+   with ``c = 4.685 s`` (``'tukey'``). The passes stop when no pair's
+   polynomial difference changed by more than ``tol`` of its noise (the
+   rejections would not change).
+
+Everything is per pair and per block: nothing holds N full-grid arrays.
+"""
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .coords import call_image2world
+
+__all__ = ["RobustOptions", "RobustPass", "check_robust", "dilate", "dilate_flat", "absurd_mask"]
+
+#: Robust methods of ``match_backgrounds(robust=...)``.
+METHODS = ("clip", "huber", "tukey")
+#: A value further than this many spreads (robust sigmas) from its image's
+#: median cannot be data: it is left out before the sums.
+ABSURD_FACTOR = 1e10
+#: Lattice points of the grid sampled for the robust start (at most).
+START_POINTS = 1 << 18
+#: Lattice points per cell of the start (about; a power of the dimension).
+CELL_POINTS = 256
+#: A pass that rejects more than this fraction of a pair's pixels is redone
+#: for that pair without rejection (its polynomials did not fit it).
+LOOSE_FRACTION = 0.5
+#: Start: iterations of the L1-like fit of the cell medians; then cells whose
+#: median is further than START_NSIGMA of its sigmas from it are left out.
+START_IRLS = 10
+START_NSIGMA = 5.0
+#: Fewest sampled pixels a cell needs to give a median.
+CELL_MIN = 3
+HUBER_C = 1.345
+TUKEY_C = 4.685
+#: 1 / Phi^-1(3/4): the MAD of a normal distribution times this is its sigma.
+MAD_SIGMA = 1.4826
+
+
+@dataclass
+class RobustOptions:
+    """Validated robust-matching options (see ``match_backgrounds``)."""
+
+    method: str = "clip"
+    nsigma: float = 4.0
+    grow: int = 1
+    nclip: int = 3
+    tol: float = 0.05
+    max_abs: float = None  # None: automatic (ABSURD_FACTOR spreads about the median)
+
+
+def check_robust(robust, nsigma=4.0, grow=1, nclip=3, tol=0.05, max_abs=None):
+    """`RobustOptions`, or None for plain least squares; ValueError for bad values."""
+    if robust is None or robust is False or (isinstance(robust, str)
+                                              and robust.strip().lower() in ("none", "")):
+        return None
+    if robust is True:
+        robust = "clip"
+    if not isinstance(robust, str) or robust.strip().lower() not in METHODS:
+        raise ValueError(f"robust={robust!r} must be None, 'clip', 'huber' or 'tukey'.")
+    try:
+        nsigma = float(nsigma)
+        grow = int(grow)
+        nclip = int(nclip)
+        tol = float(tol)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"nsigma={nsigma!r}, grow={grow!r}, nclip={nclip!r}, tol={tol!r}: give "
+            "numbers (nsigma > 0, grow >= 0, nclip >= 1, tol > 0).") from None
+    if not (np.isfinite(nsigma) and nsigma > 0):
+        raise ValueError(f"nsigma={nsigma!r} must be a positive number (e.g. 4).")
+    if grow < 0:
+        raise ValueError(f"grow={grow!r} must be >= 0 (pixels around a rejected pixel).")
+    if nclip < 1:
+        raise ValueError(f"nclip={nclip!r} must be >= 1 (reweighted passes).")
+    if not tol > 0:
+        raise ValueError(f"tol={tol!r} must be > 0.")
+    if max_abs is not None:
+        max_abs = float(max_abs)
+        if not max_abs > 0:
+            raise ValueError(f"max_abs={max_abs!r} must be > 0 (or None: automatic).")
+    return RobustOptions(robust.strip().lower(), nsigma, grow, nclip, tol, max_abs)
+
+
+@dataclass
+class RobustPass:
+    """What one reweighted pass of the accumulation needs."""
+
+    method: str
+    coef_u: np.ndarray  # (N, M) polynomials (scaled coordinates) the residuals are from
+    t2: dict = field(default_factory=dict)  # pair -> (nsigma * s)**2; absent: no rejection
+    cw: dict = field(default_factory=dict)  # pair -> c * s of Huber / Tukey
+    grow: int = 1
+
+    def weight(self, x):
+        """Weight of ``x = |r| / c``."""
+        if self.method == "huber":
+            with np.errstate(divide="ignore"):
+                return np.where(x > 1.0, 1.0 / x, 1.0)
+        w = 1.0 - x * x
+        np.maximum(w, 0.0, out=w)
+        return w * w
+
+
+def dilate(mask, grow):
+    """``mask`` (N-D bool) grown by ``grow`` pixels along every axis (a box)."""
+    idx = np.nonzero(mask)
+    nd = mask.ndim
+    nhit = idx[0].size
+    side = 2 * grow + 1
+    if nhit * side ** nd < mask.size // 4:  # few pixels: mark the boxes around each
+        offs = np.indices((side,) * nd).reshape(nd, -1, 1) - grow  # (nd, noff, 1)
+        pts = np.stack(idx)[:, None, :] + offs  # (nd, noff, nhit)
+        hi = np.array(mask.shape).reshape(nd, 1, 1) - 1
+        np.clip(pts, 0, hi, out=pts)
+        out = np.zeros_like(mask)
+        out[tuple(pts.reshape(nd, -1))] = True
+        return out
+    from scipy import ndimage
+
+    lo = [max(0, int(i.min()) - grow) for i in idx]
+    hi = [min(n, int(i.max()) + grow + 1) for i, n in zip(idx, mask.shape)]
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    out = np.zeros_like(mask)
+    out[sl] = ndimage.maximum_filter(mask[sl].view(np.uint8), size=side,
+                                     mode="constant", cval=0).astype(bool)
+    return out
+
+
+def dilate_flat(idx, shape, grow, skip_first=False):
+    """Sorted unique flat indices of the pixels within ``grow`` (a box) of flat ``idx``.
+
+    ``skip_first``: do not grow along the first axis (a stack of planes).
+    """
+    nd = len(shape)
+    side = 2 * grow + 1
+    coords = np.stack(np.unravel_index(idx, shape))  # (nd, nhit)
+    box = (1,) * skip_first + (side,) * (nd - skip_first)
+    offs = np.indices(box).reshape(nd, -1, 1)  # (nd, noff, 1)
+    offs[skip_first:] -= grow
+    pts = coords[:, None, :] + offs
+    np.clip(pts, 0, np.array(shape).reshape(nd, 1, 1) - 1, out=pts)
+    return np.unique(np.ravel_multi_index(tuple(pts.reshape(nd, -1)), shape))
+
+
+# ---------------------------------------------------------------------------
+# lattice samples, absurd-value limits and the robust start
+# ---------------------------------------------------------------------------
+def lattice_stride(shape):
+    """Stride of the start's lattice: at most about START_POINTS points on the grid."""
+    total = float(np.prod(shape))
+    return max(1, int(math.floor((total / START_POINTS) ** (1.0 / len(shape)))))
+
+
+def _samples(prob, stride):
+    """Per image: (lattice origin, data with NaN where not valid, variance) or None."""
+    from .accumulate import _prepare_image
+
+    out = []
+    for l, im in enumerate(prob.images):
+        origin = prob.origins[l]
+        first = [(-o) % stride for o in origin]
+        box = tuple((o + f, o + n) for o, f, n in zip(origin, first, im.shape))
+        if any(lo >= hi for lo, hi in box):
+            out.append(None)
+            continue
+        d, var, valid, _ = _prepare_image(prob, l, box, step=stride)
+        if not valid.any():
+            out.append(None)
+            continue
+        y = np.where(valid, d, np.nan)
+        out.append((tuple(lo // stride for lo, _ in box), y, var))
+    return out
+
+
+def auto_limits(samples, has_sigmas, factor=ABSURD_FACTOR):
+    """Per image ``(lo, hi)``: median +- ``factor`` x its spread (None: no cut).
+
+    The spread is the larger of the robust sigma of the sampled values
+    (1.4826 MAD) and, with sigmas, their median sigma; for an image whose
+    sampled values are all equal, the size of that value.
+    """
+    limits = []
+    for smp in samples:
+        if smp is None:
+            limits.append(None)
+            continue
+        _, y, var = smp
+        v = y[np.isfinite(y)]
+        if v.size == 0:
+            limits.append(None)
+            continue
+        v = _thin(v)
+        med = float(np.median(v))
+        scale = MAD_SIGMA * float(np.median(np.abs(v - med)))
+        if has_sigmas:
+            sv = _thin(var[np.isfinite(y)])
+            scale = max(scale, float(np.sqrt(np.median(sv))))
+        if not scale > 0:
+            scale = abs(med)
+        if not (np.isfinite(scale) and scale > 0):
+            limits.append(None)
+            continue
+        limits.append((med - factor * scale, med + factor * scale))
+    return limits
+
+
+def absurd_mask(data, mask, sigma=None, factor=ABSURD_FACTOR):
+    """Valid pixels of one array whose value is absurd, or None when there is none.
+
+    Absurd: further than ``factor`` spreads from the median of the valid
+    values (the spread as in :func:`auto_limits`, from an evenly strided
+    sample), or not finite where the mask says valid. Costs one pass of
+    comparisons over the array.
+    """
+    data = np.asarray(data)
+    mask = np.asarray(mask, dtype=bool)
+    step = max(1, int(math.sqrt(data.size / (4 * MEDIAN_SAMPLE))))
+    sl = tuple(slice(None, None, step) for _ in range(data.ndim))
+    y = np.where(mask[sl], data[sl], np.nan).astype(np.float64)
+    var = None
+    if sigma is not None:
+        var = np.square(np.asarray(sigma)[sl], dtype=np.float64)
+    lim = auto_limits([(None, y, np.ones_like(y) if var is None else var)],
+                      sigma is not None, factor)[0]
+    if lim is None:
+        return None
+    with np.errstate(invalid="ignore"):
+        bad = mask & ~((data >= lim[0]) & (data <= lim[1])) & np.isfinite(data)
+    return bad if bad.any() else None
+
+
+def _cells(arr, c, fill):
+    """``(ncells, prod(c))``: ``arr`` cut into cells of ``c`` points per axis (an int
+    or one per axis; padded with ``fill``)."""
+    nd = arr.ndim
+    c = (c,) * nd if np.isscalar(c) else tuple(c)
+    a = np.pad(arr, [(0, (-n) % k) for n, k in zip(arr.shape, c)], constant_values=fill)
+    shp = []
+    for n, k in zip(a.shape, c):
+        shp += [n // k, k]
+    a = a.reshape(shp).transpose(list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2)))
+    return a.reshape(-1, int(np.prod(c)))
+
+
+#: Most values whose median gives a pair's scale or an image's limits.
+MEDIAN_SAMPLE = 1 << 15
+
+
+def _thin(v):
+    """At most about MEDIAN_SAMPLE values of the 1-D ``v``, evenly strided."""
+    k = v.size // MEDIAN_SAMPLE
+    return v[::k] if k > 1 else v
+
+
+def _pair_cells(sl, sm, stride, c, deg=None):
+    """Cell medians of one pair's sampled differences.
+
+    Returns ``(med, weight, pixel centres (one array per numpy axis), scale,
+    typical)`` or None when the pair shares no sampled pixel.
+    """
+    (ol, yl, vl), (om, ym, vm) = sl, sm
+    lo = [max(a, b) for a, b in zip(ol, om)]
+    hi = [min(a + n, b + k) for a, b, n, k in zip(ol, om, yl.shape, ym.shape)]
+    if any(a >= b for a, b in zip(lo, hi)):
+        return None
+    il = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, ol))
+    im = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, om))
+    with np.errstate(invalid="ignore"):
+        D = yl[il] - ym[im]
+        W = 1.0 / (vl[il] + vm[im])
+    nd = D.ndim
+    c = (c,) * nd if np.isscalar(c) else tuple(c)
+    if deg is not None:  # 2 (D + 1) cells along each axis of the pair's overlap
+        c = tuple(max(1, min(k, n // (2 * (deg[nd - 1 - a] + 1))))
+                  for a, (k, n) in enumerate(zip(c, D.shape)))
+    Dc = _cells(D, c, np.nan)
+    valid = ~np.isnan(Dc)
+    cnt = np.count_nonzero(valid, axis=1)
+    ntot = int(cnt.sum())
+    if ntot == 0:
+        return None
+    Wc = _cells(W, c, 0.0)
+    Wc[~valid] = 0.0
+    # pixel centre of each cell's valid samples: the cell's first lattice
+    # point plus the mean offset of its valid samples within the cell
+    ncell = [-(-n // k) for n, k in zip(D.shape, c)]
+    first = np.indices(ncell).reshape(nd, -1) * np.array(c).reshape(nd, 1)
+    offs = np.indices(c).reshape(nd, -1).astype(np.float64)
+    vf = valid.astype(np.float64)
+    use = cnt >= min(CELL_MIN, ntot)
+    if not np.any(use):  # a few scattered samples: one cell
+        Dc, Wc, valid = D.reshape(1, -1), np.where(np.isnan(D), 0.0, W).reshape(1, -1), \
+            ~np.isnan(D.reshape(1, -1))
+        cnt = np.array([ntot])
+        pix = np.indices(D.shape).reshape(nd, -1)
+        centres = [(stride * (pix[k][valid[0]].mean() + lo[k])) * np.ones(1)
+                   for k in range(nd)]
+    else:
+        Dc, Wc, valid, cnt, vf, first = Dc[use], Wc[use], valid[use], cnt[use], vf[use], \
+            first[:, use]
+        centres = [stride * (first[k] + (vf @ offs[k]) / cnt + lo[k]) for k in range(nd)]
+    srt = np.sort(Dc, axis=1)  # NaN last
+    lo_i, hi_i = (cnt - 1) // 2, cnt // 2
+    med = 0.5 * (np.take_along_axis(srt, lo_i[:, None], 1)[:, 0]
+                 + np.take_along_axis(srt, hi_i[:, None], 1)[:, 0])
+    weight = Wc.sum(axis=1)
+    sw = np.sqrt(Wc[valid])
+    dev = np.abs(Dc - med[:, None])[valid] * sw
+    scale = MAD_SIGMA * float(np.median(_thin(dev)))
+    typ = float(np.median(_thin(np.abs(Dc[valid]) * sw)))
+    return med, weight, centres, scale, typ, cnt
+
+
+def _monomials(u, deg):
+    """``(prod(deg + 1), n)`` monomials of scaled coordinates ``u`` (C order over exponents)."""
+    from .accumulate import _powers
+
+    n = u[0].size
+    pows = [_powers(a, d) for a, d in zip(u, deg)]
+    phi = pows[0]
+    for p in pows[1:]:
+        phi = (phi[:, None, :] * p[None, :, :]).reshape(-1, n)
+    return phi
+
+
+def _to_u(frame, pix):
+    """Scaled coordinates of pixel positions (one array per numpy axis), ``(x, y, ...)``."""
+    nd = frame.ndim
+    xy = pix[::-1]
+    if frame.separable:
+        X = xy
+    else:
+        X = call_image2world(frame.image2world, [np.asarray(a, float) for a in xy], nd)
+    return [(np.asarray(w, float) - c - s0) / s1
+            for w, c, s0, s1 in zip(X, frame.eff_center, frame.shift, frame.scale)]
+
+
+def robust_start(prob, frame, samples, stride, solve):
+    """Start polynomials from cell medians, and each pair's residual scale.
+
+    ``solve(S, T)`` returns the coefficients ``(N, M)`` (scaled
+    coordinates) of the normal equations of moments ``S``, ``T``. Returns
+    ``(coef_u, scales)``: ``scales[(l, m)] = (s, typical)``.
+    """
+    n = len(prob.images)
+    nd = len(prob.shape)
+    c = max(2, int(round(CELL_POINTS ** (1.0 / nd))))
+    deg = prob.degree
+    # cells per axis: at most c lattice points, and small enough that the
+    # grid holds 2 (D + 1) cells along each axis (so that every term of the
+    # polynomial is determined by the cell medians)
+    c = tuple(max(1, min(c, -(-n // stride) // (2 * (deg[nd - 1 - k] + 1))))
+              for k, n in enumerate(prob.shape))
+    mdeg = tuple(2 * d for d in deg)
+    parts, scales = [], {}
+    for l in range(n):
+        if samples[l] is None:
+            continue
+        for m in range(l + 1, n):
+            if samples[m] is None:
+                continue
+            res = _pair_cells(samples[l], samples[m], stride, c, deg)
+            if res is None:
+                continue
+            med, w, centres, s, typ, cnt = res
+            parts.append(((l, m), med, w, centres, cnt))
+            scales[(l, m)] = (s, typ)
+    if not parts:
+        return solve({}, {}), scales
+    allc = [np.concatenate([p[3][k] for p in parts]) for k in range(nd)]
+    u = _to_u(frame, allc)
+    fin = np.logical_and.reduce([np.isfinite(a) for a in u])
+    u = [np.where(fin, a, 0.0) for a in u]
+    phi, phid = _monomials(u, mdeg), _monomials(u, deg)
+    mshape, dshape = tuple(d + 1 for d in mdeg), tuple(d + 1 for d in deg)
+    slices, pos = [], 0
+    for p in parts:
+        slices.append(slice(pos, pos + p[1].size))
+        pos += p[1].size
+    base = [np.where(fin[sl] & (p[2] > 0), p[2], 0.0) for p, sl in zip(parts, slices)]
+
+    def fit(weights):
+        S, T = {}, {}
+        for (key, med, _, _, _), sl, ww in zip(parts, slices, weights):
+            if np.any(ww > 0):
+                S[key] = (phi[:, sl] @ ww).reshape(mshape)
+                T[key] = (phid[:, sl] @ (ww * med)).reshape(dshape)
+        return solve(S, T)
+
+    def zscores(coef):  # cell residuals in units of the noise of a cell median
+        out = []
+        for (key, med, w, _, _), sl in zip(parts, slices):
+            l, m = key
+            dp = (coef[l] - coef[m]) @ phid[:, sl]
+            out.append(np.abs(med - dp) * np.sqrt(w) / (1.2533 * max(scales[key][0], 1e-300)))
+        return out
+
+    # an L1-like fit of the cell medians (Huber weights with c = 1 cell
+    # sigma: cells of a trail or a blob, up to half of them, do not move it),
+    # then the cells further than START_NSIGMA of their sigmas are left out
+    # (started from each pair's median of its cell medians: a constant that
+    # a minority of spoiled cells cannot move)
+    weights = []
+    for (key, med, w, _, _), b in zip(parts, base):
+        good = b > 0
+        mid = float(np.median(med[good])) if good.any() else 0.0
+        z = np.abs(med - mid) * np.sqrt(w) / (1.2533 * max(scales[key][0], 1e-300))
+        weights.append(b * np.minimum(1.0, 1.0 / np.maximum(z, 1e-12)))
+    coef = fit(weights)
+    for _ in range(START_IRLS):
+        z = zscores(coef)
+        weights = [b * np.minimum(1.0, 1.0 / np.maximum(zz, 1e-12)) for b, zz in zip(base, z)]
+        new = fit(weights)
+        done = np.allclose(new, coef, rtol=1e-6, atol=1e-12 * (np.abs(coef).max() + 1e-300))
+        coef = new
+        if done:
+            break
+    z = zscores(coef)
+    keep = [(b > 0) & (zz <= START_NSIGMA) for b, zz in zip(base, z)]
+    keep = [k if k.sum() >= max(1, (b > 0).sum() // 2) else (b > 0)
+            for k, b in zip(keep, base)]
+    coef = fit([np.where(k, b, 0.0) for k, b in zip(keep, base)])
+    return coef, scales
+
+
+def pass_for(opts, coef_u, scales):
+    """The `RobustPass` of polynomials ``coef_u`` with the pairs' ``scales``."""
+    t2, cw = {}, {}
+    const = HUBER_C if opts.method == "huber" else TUKEY_C
+    for key, (s, typ) in scales.items():
+        s = max(s, 1e-6 * typ, 1e-300)
+        t2[key] = (opts.nsigma * s) ** 2
+        cw[key] = const * s
+    return RobustPass(opts.method, np.asarray(coef_u, float), t2, cw, opts.grow)
+
+
+def _kept_scales(mom, coef, scales, degree):
+    """Pair scales no larger than the RMS normalised residual of the pixels kept.
+
+    A start that fitted poorly gave wide scales; once a pass has fitted the
+    kept pixels, their residual RMS (clipped at 4 sigma, within 0.1 % of the
+    noise's sigma) tightens the threshold of the next pass.
+    """
+    from .solve import gram_index
+
+    idx = gram_index(degree)
+    out = dict(scales)
+    for key, (s, typ) in scales.items():
+        if key not in mom.S:
+            continue
+        l, m = key
+        kept = mom.npix[key] - mom.rejected.get(key, 0)
+        if kept < 16:
+            continue
+        dc = coef[l] - coef[m]
+        after = mom.chi[key] - 2 * dc @ np.ravel(mom.T[key]) + dc @ mom.S[key][idx] @ dc
+        emp = math.sqrt(max(after, 0.0) / kept)
+        if emp > 0:
+            out[key] = (min(s, emp), typ)
+    return out
+
+
+def change_small(opts, old, new, mom, scales, degree):
+    """Whether no pair's polynomial difference changed by more than ``tol`` of its noise.
+
+    The change is measured as its weighted RMS over the pixels the pair kept
+    (from the moments), in units of the pair's normalised-residual scale.
+    """
+    from .solve import gram_index
+
+    idx = gram_index(degree)
+    for key, s_ in mom.S.items():
+        l, m = key
+        if key not in scales:
+            continue
+        s = max(scales[key][0], 1e-6 * scales[key][1], 1e-300)
+        kept = mom.npix[key] - mom.rejected.get(key, 0)
+        if kept <= 0:
+            continue
+        s0 = float(np.ravel(s_)[0])
+        if not s0 > 0:
+            continue
+        dc = (new[l] - new[m]) - (old[l] - old[m])
+        ms = max(float(dc @ s_[idx] @ dc), 0.0) / s0  # mean square change over the pair
+        if math.sqrt(ms * s0 / kept) > opts.tol * s:
+            return False
+    return True
+
+
+def robust_moments(prob, frame, opts, accumulate_pass, solve):
+    """Pair moments of the last reweighted pass, and what the passes did.
+
+    ``accumulate_pass(robust_pass)`` sums the moments of one pass;
+    ``solve(S, T)`` gives the coefficients (scaled coordinates) of moments.
+    Sets ``prob.limits`` (absurd values). Returns ``(moments, info)``; ``info``
+    holds ``method``, ``nsigma``, ``grow``, ``nclip``, ``passes``,
+    ``converged``, ``stride`` and ``scale`` (per pair: the robust sigma of its
+    normalised residuals, 1.0 = as the sigmas say).
+    """
+    n = len(prob.images)
+    stride = lattice_stride(prob.shape)
+    samples = _samples(prob, stride)
+    if opts.max_abs is not None:
+        prob.limits = [(-opts.max_abs, opts.max_abs)] * n
+    else:
+        prob.limits = auto_limits(samples, prob.has_sigmas)
+    for k, (smp, lim) in enumerate(zip(samples, prob.limits)):
+        if smp is not None and lim is not None:
+            y = smp[1]
+            with np.errstate(invalid="ignore"):
+                y[(y < lim[0]) | (y > lim[1])] = np.nan
+    coef, scales = robust_start(prob, frame, samples, stride, solve)
+    passes, converged, mom = 0, False, None
+    loosened = set()  # pairs once matched without rejection (a start that failed them)
+    for _ in range(opts.nclip + 1):
+        mom = accumulate_pass(pass_for(opts, coef, scales))
+        passes += 1
+        # a pass that rejects most of a pair's pixels had polynomials that do
+        # not fit it (the start could not pin them down): that pair is summed
+        # once without rejection, and the pass done again
+        bad = {key for key, r in mom.rejected.items()
+               if r > LOOSE_FRACTION * mom.npix[key] and key not in loosened}
+        if bad and passes <= opts.nclip:
+            loosened |= bad
+            mom = accumulate_pass(pass_for(opts, coef, {k: v for k, v in scales.items()
+                                                       if k not in bad}))
+        new = solve(mom.S, mom.T)
+        if opts.method == "clip":
+            scales = _kept_scales(mom, new, scales, prob.degree)
+        done = change_small(opts, coef, new, mom, scales, prob.degree)
+        coef = new
+        if done and (opts.method == "clip" or passes > 1):  # IRLS: reweight once more
+            converged = True
+            break
+        if passes >= opts.nclip:
+            break
+    info = {"method": opts.method, "nsigma": opts.nsigma, "grow": opts.grow,
+            "nclip": opts.nclip, "passes": passes, "converged": converged,
+            "stride": stride, "scale": {k: float(v[0]) for k, v in scales.items()},
+            "loosened": sorted(loosened)}
+    return mom, info
+
+
+# ---------------------------------------------------------------------------
+# sources (and junk) of one image, from its own pixels
+# ---------------------------------------------------------------------------
+#: Side (pixels) of the tiles whose medians make the local background.
+SOURCE_TILE = 16
+#: Every ``SOURCE_THIN``-th pixel (per axis) of a tile gives its median.
+SOURCE_THIN = 2
+
+
+def _bilinear(grid, tile, shape):
+    """Values at every pixel of ``shape`` interpolated (bilinearly) between tile centres."""
+    out = grid
+    for axis, n in ((1, shape[1]), (0, shape[0])):
+        t = (np.arange(n) + 0.5) / tile - 0.5
+        m = out.shape[axis]
+        i0 = np.clip(np.floor(t).astype(np.int64), 0, m - 1)
+        i1 = np.clip(i0 + 1, 0, m - 1)
+        f = np.clip(t - i0, 0.0, 1.0)
+        if axis == 1:
+            out = out[:, i0] * (1 - f) + out[:, i1] * f
+        else:
+            out = out[i0, :] * (1 - f)[:, None] + out[i1, :] * f[:, None]
+    return out
+
+
+def _tile_stats(data, valid, tile, thin):
+    """Per tile: median and robust sigma of an evenly thinned sample (NaN: none)."""
+    y = np.where(valid, data, np.nan)[::thin, ::thin].astype(np.float64)
+    c = tile // thin
+    ny, nx = -(-y.shape[0] // c), -(-y.shape[1] // c)
+    cells = _cells(y, c, np.nan)
+    srt = np.sort(cells, axis=1)
+    cnt = np.count_nonzero(~np.isnan(cells), axis=1)
+    ok = cnt >= CELL_MIN
+    k = np.maximum(cnt, 1)
+    med = 0.5 * (np.take_along_axis(srt, ((k - 1) // 2)[:, None], 1)[:, 0]
+                 + np.take_along_axis(srt, (k // 2)[:, None], 1)[:, 0])
+    med[~ok] = np.nan
+    dev = np.sort(np.abs(cells - med[:, None]), axis=1)
+    mad = 0.5 * (np.take_along_axis(dev, ((k - 1) // 2)[:, None], 1)[:, 0]
+                 + np.take_along_axis(dev, (k // 2)[:, None], 1)[:, 0])
+    mad[~ok] = np.nan
+    return med.reshape(ny, nx), MAD_SIGMA * mad.reshape(ny, nx)
+
+
+def source_mask(data, valid, sigma=None, nsigma=5.0, grow=2, tile=SOURCE_TILE,
+                thin=SOURCE_THIN):
+    """Pixels of a 2-D image significantly above its local background, grown.
+
+    The local background is interpolated (bilinearly, so that it follows
+    gradients) between the medians of the image's ``tile x tile`` boxes
+    (from every ``thin``-th pixel along each axis); a valid pixel is
+    marked when it exceeds that by more than ``nsigma`` times its sigma
+    (``sigma``, else the box's robust sigma), and every pixel within
+    ``grow`` pixels of a marked one is marked too. Sources, and junk such as
+    cosmic rays, trails and extended glows, are marked with their
+    surroundings; noise alone marks ~3e-7 of the pixels at ``nsigma=5``.
+
+    Returns a boolean array of the image's shape, or None when nothing is
+    marked.
+    """
+    data = np.asarray(data)
+    valid = np.asarray(valid, dtype=bool)
+    if data.ndim != 2 or not valid.any():
+        return None
+    med, rsig = _tile_stats(data, valid, tile, thin)
+    fill = np.nanmedian(med) if np.isfinite(med).any() else 0.0
+    med = np.where(np.isfinite(med), med, fill)
+    bkg = _bilinear(med, tile, data.shape)
+    if sigma is None:
+        sfill = np.nanmedian(rsig) if np.isfinite(rsig).any() else np.inf
+        rsig = np.where(np.isfinite(rsig) & (rsig > 0), rsig, sfill)
+        noise = np.repeat(np.repeat(rsig, tile, 0), tile, 1)[:data.shape[0], :data.shape[1]]
+    else:
+        noise = np.asarray(sigma, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        hit = valid & (data - bkg > nsigma * noise)
+    if not hit.any():
+        return None
+    if grow:
+        hit = dilate(hit, grow)
+    return hit & valid

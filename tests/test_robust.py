@@ -1,0 +1,248 @@
+"""Robust matching (issue 8, item 1): the engine's ``robust=`` and the steps' defaults.
+
+Injected backgrounds are recovered within the noise with unflagged junk in one
+exposure (cosmic rays, a trail, an extended transient, 1e30 fill values),
+clean data are matched as well as by plain least squares, absurd values never
+reach the sums, rejections are counted right, and the default (plain) engine
+is unchanged.
+"""
+
+import logging
+import os
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from jwst_wiimatch.core import MatchWarning, match_backgrounds
+from jwst_wiimatch.core.robust import check_robust, dilate, dilate_flat, source_mask
+from jwst_wiimatch.match import match_lsq
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "benchmarks")
+sys.path.insert(0, BENCH)
+import bench_robust as br  # noqa: E402
+import junk_data as jd  # noqa: E402
+
+SHAPE = (96, 96)
+SEEDS = (0, 1, 2)
+
+
+def _errors(case_name, args, seeds=SEEDS, route="engine"):
+    errs = []
+    for seed in seeds:
+        case = jd.make_junk_case(case_name, n=5, shape=SHAPE, seed=seed)
+        run = br.run_engine if route == "engine" else br.run_step
+        with np.errstate(all="ignore"):
+            rec, _, _ = run(case, args)
+        errs.append(br.background_error(rec, case.backgrounds, case.footprints)[0])
+    return float(np.sqrt(np.mean(np.square(errs))))
+
+
+@pytest.fixture(scope="module")
+def clean_errors():
+    return {"plain": _errors("clean", {}), "robust": _errors("clean", {"robust": "clip"})}
+
+
+# ----------------------------------------------------------------------
+# the engine
+# ----------------------------------------------------------------------
+def test_clean_data_as_good_as_plain(clean_errors):
+    assert clean_errors["robust"] <= 1.05 * clean_errors["plain"]
+
+
+@pytest.mark.filterwarnings("ignore::jwst_wiimatch.core.MatchWarning")
+@pytest.mark.parametrize("case", ["cr", "trail", "transient", "fill"])
+def test_junk_recovered_within_noise(case, clean_errors):
+    robust = _errors(case, {"robust": "clip"})
+    plain = _errors(case, {})
+    # the check can fail: plain least squares is spoiled by the junk
+    assert not plain <= 3 * clean_errors["plain"]
+    assert robust <= 1.5 * clean_errors["plain"], (robust, clean_errors)
+
+
+@pytest.mark.filterwarnings("ignore::jwst_wiimatch.core.MatchWarning")
+@pytest.mark.parametrize("method", ["huber", "tukey"])
+def test_reweighting_methods(method, clean_errors):
+    assert _errors("cr", {"robust": method}, seeds=(0,)) <= 2 * clean_errors["plain"]
+    assert _errors("trail", {"robust": method}, seeds=(0,)) <= 2 * clean_errors["plain"]
+
+
+def _ref_case():
+    rng = np.random.default_rng(42)
+    shape = (40, 50)
+    y, x = np.indices(shape)
+    ims, masks, sig = [], [], []
+    for k in range(3):
+        im = 1.0 + 0.5 * k + 0.01 * k * x - 0.02 * y + rng.normal(0, 0.1, shape)
+        m = np.zeros(shape, bool)
+        m[k * 5:k * 5 + 30, k * 7:k * 7 + 35] = True
+        ims.append(im.astype(np.float32))
+        masks.append(m)
+        sig.append(np.full(shape, 0.1, np.float32))
+    ims[1][20, 20] = 1e30
+    ims[2][10:13, 30:33] += 50
+    return ims, masks, sig
+
+
+#: match_backgrounds(*_ref_case(), degree=1) of the release before robust
+#: matching (identical to the last bit on the machine that added this test)
+_BEFORE = [
+    "-0x1.91aa6a1a86f67p+88", "-0x1.0b56eadc1972ap+85", "-0x1.a0b8d247eee0cp+83",
+    "0x1.dd1d596d07d8ep+80", "0x1.bad72efa418e6p+89", "0x1.b689970649939p+82",
+    "-0x1.7ab257187d606p+85", "-0x1.e24524c436d83p+76", "-0x1.e403f3d9fc262p+88",
+    "0x1.a90b6ff6a0804p+84", "0x1.e2e08baa7918ap+85", "-0x1.bef90720c4603p+80"]
+
+
+def test_default_engine_unchanged():
+    ims, masks, sig = _ref_case()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MatchWarning)
+        r = match_backgrounds(ims, masks, sig, degree=1)
+    before = np.array([float.fromhex(v) for v in _BEFORE])
+    np.testing.assert_allclose(r.coef.ravel(), before, rtol=1e-12, atol=0)
+    assert r.robust is None and r.rejected is None and not r.absurd.any()
+    # an explicit robust=None is the same call
+    r2 = match_backgrounds(ims, masks, sig, degree=1, robust=None, max_abs=None)
+    np.testing.assert_array_equal(r2.coef, r.coef)
+    np.testing.assert_array_equal(match_lsq(ims, masks, sig, degree=1), r.coef)
+
+
+def test_absurd_values_never_reach_the_sums():
+    ims, masks, sig = _ref_case()
+    ims[0][15, 12] = -1e30
+    ims[2][25, 40] = 3e38  # near float32's largest
+    with pytest.warns(MatchWarning, match="absurd"):
+        r = match_backgrounds(ims, masks, sig, degree=1, robust="clip")
+    assert r.absurd.tolist() == [1, 1, 1]
+    mom = r.moments
+    assert all(abs(v) < 1e12 for v in mom.chi.values())
+    assert all(np.all(np.abs(t) < 1e12) for t in mom.T.values())
+    # the same as leaving them out by the masks
+    m2 = [m.copy() for m in masks]
+    m2[0][15, 12] = m2[1][20, 20] = m2[2][25, 40] = False
+    r2 = match_backgrounds(ims, m2, sig, degree=1, robust="clip")
+    np.testing.assert_array_equal(r.coef, r2.coef)
+    assert not r2.absurd.any()
+    # an explicit cut without robust matching: plain least squares without them
+    with pytest.warns(MatchWarning, match="absurd"):
+        r3 = match_backgrounds(ims, masks, sig, degree=1, max_abs=1e6)
+    r4 = match_backgrounds(ims, m2, sig, degree=1)
+    np.testing.assert_array_equal(r3.coef, r4.coef)
+    assert r3.absurd.tolist() == [1, 1, 1] and r3.robust is None
+
+
+def test_rejected_counts_on_a_constructed_case():
+    """Noise-free constant images: a 3 x 3 blob in image 1 where images 0, 1, 2
+    overlap, and one pixel in image 0 where only images 0 and 3 overlap."""
+    shape = (60, 60)
+    ims = [np.full(shape, v) for v in (1.0, 2.0, 4.0, 7.0)]
+    masks = [np.zeros(shape, bool) for _ in range(4)]
+    masks[0][:, :] = True
+    masks[1][:40, :40] = True
+    masks[2][:40, :40] = True
+    masks[3][45:, :] = True
+    ims[1][10:13, 10:13] += 100.0
+    ims[0][50, 30] += 100.0
+    for grow, blob, dot in ((0, 9, 1), (1, 25, 9), (2, 49, 25)):
+        r = match_backgrounds(ims, masks, degree=0, robust="clip", grow=grow)
+        pr = r.pair_rejected
+        assert pr[0, 1] == pr[1, 2] == blob and pr[0, 2] == 0
+        assert pr[0, 3] == dot and pr[1, 3] == pr[2, 3] == 0
+        assert pr[1, 0] == pr[0, 1]
+        # the blob is image 1's (its every pair rejects it); the pixel where
+        # only images 0 and 3 overlap counts for both
+        assert r.rejected.tolist() == [dot, blob, 0, dot]
+        np.testing.assert_allclose(r.coef[:, 0] - r.coef[0, 0], [0, 1, 3, 6], atol=1e-9)
+        assert r.robust["method"] == "clip" and r.robust["converged"]
+
+
+def test_start_not_moved_by_junk():
+    """Half of the pixels of one image's overlap with the other is junk-free
+    and the rest at +1e6: the cell medians start within the noise."""
+    rng = np.random.default_rng(0)
+    shape = (80, 80)
+    ims = [rng.normal(0, 1, shape), 3 + rng.normal(0, 1, shape)]
+    ims[1][:, :30] += 1e6
+    r = match_backgrounds(ims, degree=0, robust="clip", max_abs=1e20)
+    assert abs((r.coef[1, 0] - r.coef[0, 0]) - 3) < 0.1
+    assert r.pair_rejected[0, 1] >= 30 * 80
+
+
+def test_bad_arguments():
+    ims = [np.zeros((8, 8)), np.ones((8, 8))]
+    for kw in ({"robust": "median"}, {"robust": "clip", "nsigma": 0},
+               {"robust": "clip", "grow": -1}, {"robust": "clip", "nclip": 0},
+               {"max_abs": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(kw)) if len(kw) == 1 else
+                           list(kw)[1]):
+            match_backgrounds(ims, **kw)
+    assert check_robust("none") is None and check_robust(None) is None
+    assert check_robust(True).method == "clip"
+
+
+def test_dilation():
+    m = np.zeros((7, 9), bool)
+    m[0, 0] = m[4, 5] = True
+    d = dilate(m, 1)
+    assert d.sum() == 4 + 9 and d[1, 1] and d[5, 6] and not d[2, 2]
+    flat = dilate_flat(np.flatnonzero(m), m.shape, 1)
+    np.testing.assert_array_equal(flat, np.flatnonzero(d))
+    # a stack of planes grows within each plane only
+    s = dilate_flat(np.array([4 * 9 + 5]), (2, 7, 9), 1, skip_first=True)
+    assert s.size == 9 and np.all(s < 63)
+
+
+def test_source_mask():
+    rng = np.random.default_rng(3)
+    y, x = np.indices((64, 80))
+    data = 5 + 0.05 * x + rng.normal(0, 1, x.shape)  # a gradient of 4 sigma
+    data += 200 * np.exp(-((x - 40) ** 2 + (y - 30) ** 2) / 8.0)
+    valid = np.ones(data.shape, bool)
+    src = source_mask(data, valid, np.ones(data.shape), nsigma=10, grow=1)
+    assert src[30, 40] and src[30, 44] and not src[30, 50]
+    assert src.sum() < 150  # the gradient is not a source
+    assert source_mask(data - 200 * np.exp(-((x - 40) ** 2 + (y - 30) ** 2) / 8.0),
+                       valid, np.ones(data.shape), nsigma=10) is None
+
+
+# ----------------------------------------------------------------------
+# the steps
+# ----------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::jwst_wiimatch.core.MatchWarning")
+@pytest.mark.parametrize("case", ["cr", "trail", "fill"])
+def test_step_robust_by_default(case, caplog):
+    clean = _errors("clean", {"robust": "none", "source_nsigma": 0}, seeds=(0, 1),
+                    route="step")
+    with caplog.at_level(logging.WARNING, logger="jwst_wiimatch"):
+        robust = _errors(case, {}, seeds=(0, 1), route="step")
+    plain = _errors(case, {"robust": "none", "source_nsigma": 0}, seeds=(0, 1),
+                    route="step")
+    assert robust <= 1.5 * clean, (robust, clean)
+    if case == "fill":  # absurd values are left out whatever robust says
+        assert "absurd values" in caplog.text
+        assert plain <= 1.5 * clean
+    else:  # the check can fail: plain least squares is spoiled by the junk
+        assert not plain <= 3 * clean
+
+
+def test_step_records_robust_fields():
+    from jwst_wiimatch.step import WiiMatchStep
+
+    case = jd.make_junk_case("fill", n=3, shape=SHAPE, seed=0)
+    out = WiiMatchStep.call([m.copy() for m in case.models], configure_log=False)
+    info = [m.meta.wiimatch.instance for m in out]
+    assert all(i["robust"] == "clip" and i["robust_nsigma"] == 4.0 and i["robust_grow"] == 1
+               and i["robust_nclip"] == 3 and i["robust_passes"] >= 1 for i in info)
+    assert [i["npix_absurd"] for i in info] == [0, 0, jd.FILL_COUNT]
+    assert all("npix_sources" in i for i in info)
+    plain = WiiMatchStep.call([m.copy() for m in case.models], configure_log=False,
+                              robust="none")
+    assert [m.meta.wiimatch.instance["robust"] for m in plain] == ["none"] * 3
+    # the fill values are left out whatever robust says
+    assert np.all(np.abs([m.meta.wiimatch.instance["background_at_refpoint"]
+                          for m in plain]) < 100)
+    with pytest.raises(ValueError, match="robust="):
+        WiiMatchStep.call([m.copy() for m in case.models], configure_log=False,
+                          robust="median")
