@@ -11,6 +11,9 @@ Usage::
     pip install ".[bench]"
     python benchmarks/bench_match.py            # the full table (~4 minutes)
     python benchmarks/bench_match.py --quick    # ours only, no reference
+
+Both print the time of robust matching (``robust='clip'``) against plain least
+squares on the same inputs, run after run (issue 8's target: at most 3x).
 """
 import argparse
 import json
@@ -70,13 +73,15 @@ def _status(key):
     return 0
 
 
-def worker(impl, degree, nimages, size, use_world, seed, repeat, threads=None):
+def worker(impl, degree, nimages, size, use_world, seed, repeat, threads=None, robust=None):
     import gc
 
     images, masks, sigmas = make_inputs(nimages, size, seed)
     kwargs = {}
     if use_world:
         kwargs = dict(image2world=world)
+    if robust:
+        kwargs["robust"] = robust
     if threads:  # match_lsq takes the engine's thread count from the environment
         os.environ["JWST_WIIMATCH_THREADS"] = str(threads)
     if impl == "ours":
@@ -99,11 +104,11 @@ def worker(impl, degree, nimages, size, use_world, seed, repeat, threads=None):
 
 
 def run(impl, degree, nimages=10, size=2048, use_world=False, seed=0, repeat=None,
-        threads=0):
+        threads=0, robust=None):
     if repeat is None:
         repeat = 5 if impl == "ours" else 1
     cmd = [sys.executable, HERE, "--worker", impl, str(degree), str(nimages), str(size),
-           str(int(use_world)), str(seed), str(repeat), str(threads)]
+           str(int(use_world)), str(seed), str(repeat), str(threads), robust or "none"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     res = json.loads(out.strip().splitlines()[-1])
     res["coef"] = np.array(res["coef"])
@@ -117,12 +122,12 @@ def rel_diff(c1, c2):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="ours only, no reference runs")
-    p.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=9, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        impl, deg, n, size, w, seed, repeat, threads = args.worker
+        impl, deg, n, size, w, seed, repeat, threads, robust = args.worker
         worker(impl, int(deg), int(n), int(size), bool(int(w)), int(seed), int(repeat),
-               int(threads))
+               int(threads), None if robust == "none" else robust)
         return
 
     import jwst_wiimatch
@@ -145,6 +150,18 @@ def main():
               f"{ours['extra_mb']:8.1f} {rel_diff(ours['coef'], ref['coef']):18.2e}")
     print("(MB: peak resident memory above the inputs, "
           f"inputs {ours['inputs_mb']:.0f} MB)")
+
+    print("\nrobust matching (robust='clip'), ours, N=10, 2048^2 (best of 5 each; the plain "
+          "time measured again in the same run)")
+    print(f"{'degree':>6} {'coords':>7} {'plain s':>8} {'clip s':>8} {'ratio':>6} "
+          f"{'clip MB':>8}")
+    for deg in (0, 1, 2):
+        for use_world in (False, True):
+            plain = run("ours", deg, use_world=use_world)
+            rob = run("ours", deg, use_world=use_world, robust="clip")
+            print(f"{deg:>6} {'world' if use_world else 'image':>7} {plain['time']:8.3f} "
+                  f"{rob['time']:8.3f} {rob['time'] / plain['time']:5.2f}x "
+                  f"{rob['extra_mb']:8.1f}")
 
     print("\nthreads and coordinates, ours, N=10, 2048^2 (best of 5 each; ratios from this run)")
     for deg in (1, 2):

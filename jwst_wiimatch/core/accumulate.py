@@ -494,23 +494,19 @@ class _Accumulator:
 
         return outer(self.mshape), outer(self.dshape)
 
-    def _robust_chunk(self, W, DF, polys, runs, t2, cw, seeds, g0, p0, p1):
+    def _robust_chunk(self, W, resid, runs, t2, cw, seeds, g0, p0, p1):
         """Robust pass, one chunk (pairs ``g0 ...``, pixels ``p0:p1``): collect the
         pixels beyond the threshold (``seeds``) and, for Huber / Tukey, multiply
         the weights ``W`` by the robust weights. The rejected pixels and their
         surroundings are taken out of the sums afterwards (`_reject`)."""
         R = np.empty_like(W)
-        for a, bsel, j0, j1 in runs:
-            np.subtract(polys[a, p0:p1], polys[bsel, p0:p1], out=R[j0:j1])
-        np.subtract(DF, R, out=R)
+        for a, bsel, j0, j1 in runs:  # resid: each image's data minus its polynomial
+            np.subtract(resid[a, p0:p1], resid[bsel, p0:p1], out=R[j0:j1])
         np.multiply(R, R, out=R)
         np.multiply(R, W, out=R)  # squared normalised residual (0 where not valid)
-        hit = R > t2[:, None]
-        if hit.any():
-            pi, px = np.nonzero(hit)
-            cut = np.flatnonzero(np.diff(pi)) + 1
-            for grp in np.split(np.arange(pi.size), cut):
-                seeds[g0 + int(pi[grp[0]])].append(px[grp] + p0)
+        # rows (pairs) with a pixel beyond the threshold, then their pixels
+        for i in np.flatnonzero(R.max(axis=1) > t2):
+            seeds[g0 + int(i)].append(np.flatnonzero(R[i] > t2[i]) + p0)
         if self.rob.method != "clip":
             np.sqrt(R, out=R)
             R /= cw[:, None]
@@ -690,6 +686,7 @@ class _Accumulator:
         rob = self.rob
         if rob is not None:
             polys = self._image_polys(labels, ebox, u, ok)
+            resid = D - polys  # 0 - P where not valid (its weights are 0)
             t2v = np.array([rob.t2.get(key, np.inf) for key in keys])
             cwv = np.array([rob.cw.get(key, np.inf) for key in keys])
             seeds = [[] for _ in range(P)]
@@ -734,7 +731,7 @@ class _Accumulator:
                     np.subtract(D[a, p0:p1], D[bsel, p0:p1], out=DF[j0:j1])
                 np.reciprocal(W, out=W)
                 if rob is not None:
-                    self._robust_chunk(W, DF, polys, runs, t2v[g0:g1], cwv[g0:g1], seeds,
+                    self._robust_chunk(W, resid, runs, t2v[g0:g1], cwv[g0:g1], seeds,
                                        g0, p0, p1)
                 np.multiply(W, DF, out=WD)
                 # one BLAS dot per pair (np.dot releases the GIL, matmul does

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .accumulate import accumulate
+from .accumulate import _n_threads, accumulate
 from .coords import make_frame
 from .inputs import (check_center, check_inputs, check_solver, common_sigma_scale,
                      sigma_unusable)
@@ -209,7 +209,7 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
         mom, info = robust_moments(
             prob, frame, robust,
             lambda rp: accumulate(prob, frame, threads=threads, client=client, robust=rp),
-            solve)
+            solve, threads=threads if threads is not None else _n_threads())
         mom.robust = info
         return mom
 

@@ -79,11 +79,11 @@ class RobustOptions:
     nsigma: float = 4.0
     grow: int = 1
     nclip: int = 3
-    tol: float = 0.05
+    tol: float = 0.2
     max_abs: float = None  # None: automatic (ABSURD_FACTOR spreads about the median)
 
 
-def check_robust(robust, nsigma=4.0, grow=1, nclip=3, tol=0.05, max_abs=None):
+def check_robust(robust, nsigma=4.0, grow=1, nclip=3, tol=0.2, max_abs=None):
     """`RobustOptions`, or None for plain least squares; ValueError for bad values."""
     if robust is None or robust is False or (isinstance(robust, str)
                                               and robust.strip().lower() in ("none", "")):
@@ -370,7 +370,7 @@ def _to_u(frame, pix):
             for w, c, s0, s1 in zip(X, frame.eff_center, frame.shift, frame.scale)]
 
 
-def robust_start(prob, frame, samples, stride, solve):
+def robust_start(prob, frame, samples, stride, solve, threads=1):
     """Start polynomials from cell medians, and each pair's residual scale.
 
     ``solve(S, T)`` returns the coefficients ``(N, M)`` (scaled
@@ -388,18 +388,25 @@ def robust_start(prob, frame, samples, stride, solve):
               for k, n in enumerate(prob.shape))
     mdeg = tuple(2 * d for d in deg)
     parts, scales = [], {}
-    for l in range(n):
-        if samples[l] is None:
+    keys = [(l, m) for l in range(n) for m in range(l + 1, n)
+            if samples[l] is not None and samples[m] is not None]
+
+    def one(key):
+        return _pair_cells(samples[key[0]], samples[key[1]], stride, c, deg)
+
+    if threads > 1 and len(keys) > 1:  # sorts and array work release the GIL
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            results = list(pool.map(one, keys))
+    else:
+        results = [one(k) for k in keys]
+    for key, res in zip(keys, results):
+        if res is None:
             continue
-        for m in range(l + 1, n):
-            if samples[m] is None:
-                continue
-            res = _pair_cells(samples[l], samples[m], stride, c, deg)
-            if res is None:
-                continue
-            med, w, centres, s, typ, cnt = res
-            parts.append(((l, m), med, w, centres, cnt))
-            scales[(l, m)] = (s, typ)
+        med, w, centres, s, typ, cnt = res
+        parts.append((key, med, w, centres, cnt))
+        scales[key] = (s, typ)
     if not parts:
         return solve({}, {}), scales
     allc = [np.concatenate([p[3][k] for p in parts]) for k in range(nd)]
@@ -522,7 +529,7 @@ def change_small(opts, old, new, mom, scales, degree):
     return True
 
 
-def robust_moments(prob, frame, opts, accumulate_pass, solve):
+def robust_moments(prob, frame, opts, accumulate_pass, solve, threads=1):
     """Pair moments of the last reweighted pass, and what the passes did.
 
     ``accumulate_pass(robust_pass)`` sums the moments of one pass;
@@ -544,7 +551,7 @@ def robust_moments(prob, frame, opts, accumulate_pass, solve):
             y = smp[1]
             with np.errstate(invalid="ignore"):
                 y[(y < lim[0]) | (y > lim[1])] = np.nan
-    coef, scales = robust_start(prob, frame, samples, stride, solve)
+    coef, scales = robust_start(prob, frame, samples, stride, solve, threads)
     passes, converged, mom = 0, False, None
     loosened = set()  # pairs once matched without rejection (a start that failed them)
     for _ in range(opts.nclip + 1):
