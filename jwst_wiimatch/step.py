@@ -634,6 +634,7 @@ def log_summary(outcomes, summary):
         lines.append(f"{o.name[:52]:<52s} {o.npix:>10d} {rej:>9s} {b:>13.6g} "
                      f"{o.rms_before:>12.5g} {o.rms:>12.5g} {chi2:>8.3g}  {o.status}")
     log.info("wiimatch summary:\n%s", "\n".join(lines))
+    _log_robust(outcomes)
     report.log_diagnostics(outcomes, summary)
     levels = [o for o in outcomes if o.matched and o.level]
     if levels:
@@ -641,3 +642,24 @@ def log_summary(outcomes, summary):
         kept = [o.name for o in levels if o.level["level_reference"]]
         log.info("wiimatch: level of the matched backgrounds: %s%s", ", ".join(kinds),
                  f"; polynomial 0 (kept as it is): {', '.join(kept)}" if kept else "")
+
+
+def _log_robust(outcomes):
+    """Log how robust matching ran and what each model lost before matching."""
+    done = [o for o in outcomes if o.matched and o.robust]
+    if not done:
+        return
+    r = done[0].robust
+    if r.get("robust", "none") == "none":
+        log.info("wiimatch: plain least squares (robust='none')")
+    else:
+        log.info("wiimatch: robust matching %s (nsigma %g, grow %d): %d reweighted "
+                 "pass(es) of at most %d; the 'rejected' column counts the matching "
+                 "cells left out of all of a model's pairs", r["robust"],
+                 r["robust_nsigma"], r["robust_grow"], r["robust_passes"],
+                 r["robust_nclip"])
+    lost = [o for o in outcomes if o.absurd or o.sources]
+    if lost:
+        log.info("wiimatch: pixels left out before matching (absurd values / marked by "
+                 "source masking): %s", "; ".join(f"{o.name}: {o.absurd} / {o.sources}"
+                                                   for o in lost))

@@ -91,3 +91,11 @@ def test_engine_pair_sums_on_cluster_equal_local(cluster, world):
         remote = match_backgrounds(ims, masks, client=client, **kw)
     np.testing.assert_allclose(remote.coef, local.coef, rtol=1e-10, atol=1e-13)
     np.testing.assert_array_equal(remote.pair_npix, local.pair_npix)
+    # robust matching: its passes run on the cluster too, with the same rejections
+    ims[1][100:104, 100:300] += 40.0
+    local = match_backgrounds(ims, masks, robust="clip", **kw)
+    with distributed.Client(cluster.scheduler_address) as client:
+        remote = match_backgrounds(ims, masks, client=client, robust="clip", **kw)
+    np.testing.assert_allclose(remote.coef, local.coef, rtol=1e-10, atol=1e-13)
+    np.testing.assert_array_equal(remote.pair_rejected, local.pair_rejected)
+    assert local.rejected[1] >= 4 * 200
