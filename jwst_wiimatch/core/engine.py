@@ -18,6 +18,7 @@ from .diagnostics import fit_diagnostics
 from .levels import check_level_args, image_means, level_shifts, pick_extreme
 from .poly import basis_loss, coef_from_scaled, moments_to_basis
 from .robust import check_robust, robust_moments
+from .uncertainty import coefficient_covariance, noise_covariance_b
 from .solve import MatchWarning, _components, assemble, gram_index, pinv_tol, solve_system
 
 __all__ = ["MatchResult", "match_backgrounds"]
@@ -98,6 +99,13 @@ class MatchResult:
     absurd : numpy.ndarray
         ``(N,)`` valid pixels left out as absurd values (see ``max_abs``);
         zeros without a cut.
+    covariance : numpy.ndarray, None
+        With ``covariance=True``: ``(N M, N M)`` covariance of ``coef.ravel()``
+        (documented basis, image-major like ``coef``) propagated from the
+        pixels' sigmas (1 where none were given) by the sandwich estimator,
+        which accounts for pixels shared by several pairs; relative to each
+        group's level convention (see ``docs/algorithm.rst``,
+        "Uncertainties"). Zero between groups and for isolated images.
     robust : dict, None
         Robust matching: ``method``, ``nsigma``, ``grow``, ``nclip``,
         ``passes`` (reweighted passes done), ``converged``, ``stride`` (of
@@ -127,6 +135,7 @@ class MatchResult:
     pair_rejected: np.ndarray = None
     absurd: np.ndarray = None
     robust: dict = None
+    covariance: np.ndarray = None
 
     def equations(self):
         """The normal equations ``(a, b)`` in the documented (unscaled) basis."""
@@ -258,7 +267,7 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
                       image2world=None, center_cs="image", solver="RLU", threads=None,
                       origins=None, grid_shape=None, client=None, level="zero_sum",
                       reference=None, levels=None, robust=None, nsigma=4.0, grow=1,
-                      nclip=3, max_abs=None):
+                      nclip=3, max_abs=None, covariance=False):
     """Match the backgrounds of images on one grid; full result with diagnostics.
 
     Takes the arguments of :func:`jwst_wiimatch.match.match_lsq` (without
@@ -332,6 +341,9 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         counted (``absurd``). None: no cut without ``robust``; with
         ``robust``, values further than ``1e10`` spreads from their image's
         median (e.g. unflagged 1e30 fill values) are.
+    covariance : bool
+        Also compute :attr:`MatchResult.covariance` (one more pass over the
+        pixels; default False: no cost, same results).
 
     Examples
     --------
@@ -383,6 +395,9 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         groups = [i for i, c in enumerate(info.components) if len(c) > 1]
         for g, k in shifts.items():
             conventions[groups[g]]["level_shift"] = k
+    cov = None
+    if covariance:
+        cov = _covariance(prob, frame, a_u, info, conventions, lev, robust=mom.robust is not None)
     loss = _check_basis_loss(coef_u, coef, prob.degree, frame)
     rms, rms_before, pair_npix = _residuals(mom, coef_u, prob.degree)
     diag = fit_diagnostics(mom, coef_u, prob.degree, info.components, info.condition,
@@ -397,8 +412,26 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         coord_system=frame.coord_system, npix=mom.image_npix, pair_npix=pair_npix,
         rms=rms, rms_before=rms_before, components=info.components,
         isolated=info.isolated, undetermined=info.undetermined, frame=frame, moments=mom,
-        basis_loss=loss, conventions=conventions, mean_background=means,
+        basis_loss=loss, conventions=conventions, mean_background=means, covariance=cov,
         condition=list(info.condition), diagnostics=diag, **_rejections(mom, n))
+
+
+def _covariance(prob, frame, a_u, info, conventions, lev, robust=False):
+    """:attr:`MatchResult.covariance` (see :mod:`.uncertainty`)."""
+    fixed = {i for c in conventions for i in c["reference"]}
+    lgroups = None
+    if lev is not None:
+        lgroups = []
+        for c in info.components:
+            known = [i for i in c if np.isfinite(lev[i])]
+            if len(c) > 1 and known:
+                lgroups.append((c, known))
+    cov_b, a_plain = noise_covariance_b(prob, frame)
+    if robust:  # the plain fit's covariance over the same pixels (see the docs)
+        a_u = a_plain
+    return coefficient_covariance(cov_b, a_u, len(prob.images),
+                                  info.components, prob.degree, frame, fixed=fixed,
+                                  level_groups=lgroups, sigma_scale=prob.sigma_scale)
 
 
 def _rejections(mom, n):
