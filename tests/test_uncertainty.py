@@ -101,3 +101,23 @@ def test_same_pass_normal_matrix_and_other_conventions():
                           robust="clip", image2world=lambda x, y: (2.0 * x, y + 0.5 * x),
                           covariance=True)
     assert r.covariance.shape == (16, 16) and np.all(np.isfinite(r.covariance))
+
+
+def test_lattice_sample_close_to_every_pixel():
+    from jwst_wiimatch.core.engine import build_moments
+    from jwst_wiimatch.core.uncertainty import noise_covariance_b
+
+    shape, size = (120, 136), (96, 96)
+    origins = [(4 * o[0], 4 * o[1]) for o in ORIGINS]
+    rng = np.random.default_rng(2)
+    imgs = [rng.standard_normal(size) for _ in origins]
+    sig = [np.full(size, s) * (1 + 0.2 * rng.random(size)) for s in SIGMAS]
+    prob, frame, mom = build_moments(imgs, None, sig, 1, origins=origins, grid_shape=shape)
+    a_u, _ = assemble(len(imgs), prob.degree, mom.S, mom.T)
+    comps = [[0, 1, 2, 3]]
+    exact = coefficient_covariance(noise_covariance_b(prob, frame, stride=1)[0], a_u, 4,
+                                   comps, prob.degree, frame)
+    coarse = coefficient_covariance(noise_covariance_b(prob, frame, stride=4)[0], a_u, 4,
+                                    comps, prob.degree, frame)
+    ratio = np.sqrt(np.diag(coarse) / np.diag(exact))
+    assert np.all(np.abs(ratio - 1) < 0.05), ratio

@@ -23,6 +23,7 @@ import itertools
 import numpy as np
 
 from .accumulate import BLOCK_PIXELS, _intersect, _prepare_image, block_shape, valid_box
+from .coords import call_image2world
 from .poly import coef_from_scaled, exponents
 
 __all__ = ["noise_covariance_b", "solution_map", "coefficient_covariance"]
@@ -33,12 +34,36 @@ def _boxes(prob):
             for img, m, o in zip(prob.images, prob.masks, prob.origins)]
 
 
-def noise_covariance_b(prob, frame):
+#: Most pixels (lattice points) summed for ``Cov(b)``: larger grids are
+#: sampled on a regular lattice, each point standing for ``stride**ndim``
+#: pixels (the sums are smooth functions of the footprints and sigmas).
+COV_POINTS = 1 << 14
+
+
+def cov_stride(shape, points=COV_POINTS):
+    """Lattice step (the same along every axis) for a grid of ``shape``."""
+    npix = float(np.prod(shape))
+    return max(1, int(np.ceil((npix / points) ** (1.0 / len(shape)) - 1e-9)))
+
+
+def _lattice_u(frame, idx):
+    """Scaled coordinates ``u`` (one flat array per coordinate) of grid pixels ``idx``."""
+    if frame.separable:
+        return [frame.axis_u(j)[idx[frame.ndim - 1 - j]] for j in range(frame.ndim)]
+    pix = [np.asarray(i, dtype=float) for i in idx][::-1]
+    world = call_image2world(frame.image2world, pix, frame.ndim)
+    return [(np.asarray(w, dtype=float) - c - s0) / s1
+            for w, c, s0, s1 in zip(world, frame.eff_center, frame.shift, frame.scale)]
+
+
+def noise_covariance_b(prob, frame, stride=None):
     """``Cov(b)`` (shape ``(N M, N M)``, scaled basis ``u``) from the pixels' sigmas.
 
     Uses the weights of the plain (not robust) fit, in the problem's scaled
     sigma units. Also returns that fit's normal matrix ``A`` (same shape),
-    summed in the same pass.
+    summed in the same pass. ``stride`` (default: :func:`cov_stride`): sum
+    over every ``stride``-th pixel along each axis (about the middle of each
+    step), times ``stride**ndim``; 1 is exact.
     """
     exps = exponents(prob.degree)
     n, nt = len(prob.images), len(exps)
@@ -46,30 +71,35 @@ def noise_covariance_b(prob, frame):
     amat = np.zeros((n, n, nt, nt))
     boxes = _boxes(prob)
     shape = frame.shape
-    bs = block_shape(shape, BLOCK_PIXELS)
-    for start in itertools.product(*[range(0, s, b) for s, b in zip(shape, bs)]):
-        block = tuple((a, min(a + b, s)) for a, b, s in zip(start, bs, shape))
-        live = [(l, _intersect(block, bx)) for l, bx in enumerate(boxes) if bx is not None]
+    st = cov_stride(shape) if stride is None else int(stride)
+    off = st // 2
+    lshape = tuple(max(0, -(-(s - off) // st)) for s in shape)
+
+    def to_lattice(box):  # grid box -> lattice box
+        return tuple((-(-(lo - off) // st), -(-(hi - off) // st)) for lo, hi in box)
+
+    lboxes = [None if bx is None else to_lattice(bx) for bx in boxes]
+    bs = block_shape(lshape, BLOCK_PIXELS)
+    for start in itertools.product(*[range(0, s, b) for s, b in zip(lshape, bs)]):
+        block = tuple((a, min(a + b, s)) for a, b, s in zip(start, bs, lshape))
+        live = [(l, _intersect(block, bx)) for l, bx in enumerate(lboxes) if bx is not None]
         live = [(l, bx) for l, bx in live if bx is not None]
         if len(live) < 2:
             continue
         bshape = tuple(b - a for a, b in block)
         var = np.full((len(live),) + bshape, np.inf)
         for j, (l, bx) in enumerate(live):
-            v = _prepare_image(prob, l, bx)[1]
+            gbox = tuple((off + st * a, off + st * (b - 1) + 1) for a, b in bx)
+            v = _prepare_image(prob, l, gbox, step=st if st > 1 else None)[1]
             var[(j,) + tuple(slice(a - b0, c - b0) for (a, c), (b0, _) in zip(bx, block))] = v
         var = var.reshape(len(live), -1)
         cover = np.isfinite(var).sum(axis=0) >= 2
         if not cover.any():
             continue
         var = var[:, cover]
-        slices = tuple(slice(a, b) for a, b in block)
-        if frame.separable:
-            grids = np.meshgrid(*[np.arange(a, b) for a, b in block], indexing="ij")
-            u = [frame.axis_u(j)[grids[frame.ndim - 1 - j]].ravel()[cover]
-                 for j in range(frame.ndim)]
-        else:
-            u = [c.ravel()[cover] for c in frame.block_u(slices)]
+        grids = np.meshgrid(*[off + st * np.arange(a, b) for a, b in block], indexing="ij")
+        u = _lattice_u(frame, [g.ravel()[cover] for g in grids])
+        if not frame.separable:
             ok = np.logical_and.reduce([np.isfinite(c) for c in u])
             var[:, ~ok] = np.inf
             u = [np.where(ok, c, 0.0) for c in u]
@@ -82,18 +112,17 @@ def noise_covariance_b(prob, frame):
             w = 1.0 / (var[:, None, :] + var[None, :, :])  # 0 where either is invalid
         q = len(live)
         w[np.arange(q), np.arange(q)] = 0.0
-        big_w = w.sum(axis=1)  # (q, P)
         g = -w
-        g[np.arange(q), np.arange(q)] = big_w  # g[k, l]: image k's weight in block l
+        g[np.arange(q), np.arange(q)] = w.sum(axis=1)  # g[k, l]: image k's weight in block l
         s2 = np.where(np.isfinite(var), var, 0.0)
         v = np.einsum("kp,klp,kmp->lmp", s2, g, g, optimize=True)
         xx = (x[:, None, :] * x[None, :, :]).reshape(nt * nt, -1)
-        c = (v.reshape(q * q, -1) @ xx.T).reshape(q, q, nt, nt)
         ids = np.array([l for l, _ in live])
-        out[np.ix_(ids, ids)] += c
+        out[np.ix_(ids, ids)] += (v.reshape(q * q, -1) @ xx.T).reshape(q, q, nt, nt)
         amat[np.ix_(ids, ids)] += (g.reshape(q * q, -1) @ xx.T).reshape(q, q, nt, nt)
-    return (out.transpose(0, 2, 1, 3).reshape(n * nt, n * nt),
-            amat.transpose(0, 2, 1, 3).reshape(n * nt, n * nt))
+    f = float(st) ** len(shape)
+    return (f * out.transpose(0, 2, 1, 3).reshape(n * nt, n * nt),
+            f * amat.transpose(0, 2, 1, 3).reshape(n * nt, n * nt))
 
 
 def solution_map(a, n, components, fixed=None, held_first=True, tol=None):
