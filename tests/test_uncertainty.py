@@ -121,3 +121,24 @@ def test_lattice_sample_close_to_every_pixel():
                                     comps, prob.degree, frame)
     ratio = np.sqrt(np.diag(coarse) / np.diag(exact))
     assert np.all(np.abs(ratio - 1) < 0.05), ratio
+
+
+def test_step_records_background_errors():
+    from step_helpers import make_models
+
+    from jwst_wiimatch.step import WiiMatchStep
+
+    errs = {}
+    for noise in (0.05, 0.1):
+        models, _, _ = make_models(n=3, noise=noise, with_dq=False, seed=4)
+        out = WiiMatchStep.call(models, degree=1, source_nsigma=0)
+        meta = [m.meta.wiimatch.instance for m in out]
+        errs[noise] = np.array([[w["background_error_at_refpoint"], w["background_error_rms"]]
+                                for w in meta])
+    assert np.all(errs[0.05] > 0) and np.all(np.isfinite(errs[0.05]))
+    # errors scale with the noise (ERR); the sandwich is linear in sigma
+    assert np.allclose(errs[0.1] / errs[0.05], 2.0, rtol=0.05)
+    # without ERR the noise is unknown: nothing recorded
+    models, _, _ = make_models(n=3, with_err=False, with_dq=False, seed=4)
+    out = WiiMatchStep.call(models, degree=1, source_nsigma=0)
+    assert "background_error_at_refpoint" not in out[0].meta.wiimatch.instance

@@ -11,7 +11,8 @@ import textwrap
 import numpy as np
 
 from ..core import polyval_nd
-from .frame import grid_world, model_lattice, world_to_frame
+from ..core.poly import exponents
+from .frame import _get_wcs, frame_function, grid_world, model_lattice, world_to_frame
 
 __all__ = ["pending_level", "polynomial_coefficients", "evaluate_background",
            "latest_entry", "subtract_background", "subtract_polynomial", "record_result",
@@ -314,6 +315,51 @@ def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
         "undetermined_terms": [[int(e) for e in t] for t in undetermined],
     }
     _add_history(model, degree, refpoint, frame, index)
+
+
+#: Most pixels of a model sampled for ``background_error_rms``.
+ERROR_SAMPLE = 4096
+
+
+def background_errors(model, degree, refpoint, covariance):
+    """``meta.wiimatch`` fields of the 1-sigma error of a model's background polynomial.
+
+    ``covariance`` is the ``(M, M)`` covariance of the model's coefficients
+    (the frame's basis). Returns ``background_error_at_refpoint`` (the error
+    of the constant term: the background at the reference point) and
+    ``background_error_rms``: the RMS, over the model's pixels with finite
+    data (a regular sample of at most :data:`ERROR_SAMPLE` of them), of the
+    error of the polynomial's value there. Both relative to the group's level
+    convention (see ``docs/algorithm.rst``, "Uncertainties").
+    """
+    cov = np.asarray(covariance, dtype=float)
+    out = {"background_error_at_refpoint": float(np.sqrt(max(cov[0, 0], 0.0))),
+           "background_error_rms": None}
+    data = model.data
+    ndim = np.ndim(data)
+    if len(degree) != ndim:
+        return out
+    shape = np.shape(data)
+    step = max(1, int(np.ceil((np.prod(shape) / ERROR_SAMPLE) ** (1.0 / ndim))))
+    idx = np.meshgrid(*[np.arange(step // 2, n, step) for n in shape], indexing="ij")
+    finite = np.isfinite(np.asarray(data)[tuple(idx)])
+    if not finite.any():
+        return out
+    pix = [i[finite].astype(np.float64) for i in idx][::-1]  # x, y[, z]
+    try:
+        coords = frame_function(_get_wcs(model), refpoint)(*pix)
+    except Exception:  # no usable WCS here: the error at the refpoint only
+        return out
+    x = np.ones((len(cov), pix[0].size))
+    for k, e in enumerate(exponents(tuple(int(d) for d in degree))):
+        for c, p in zip(coords, e):
+            if p:
+                x[k] *= np.asarray(c, dtype=float) ** int(p)
+    var = np.einsum("ip,ij,jp->p", x, cov, x)
+    var = var[np.isfinite(var)]
+    if var.size:
+        out["background_error_rms"] = float(np.sqrt(max(float(np.mean(var)), 0.0)))
+    return out
 
 
 def _add_history(model, degree, refpoint, frame, index):
