@@ -46,6 +46,7 @@ import numpy as np
 from .core import MatchWarning, match_backgrounds
 from .core.accumulate import valid_box
 from .core.binning import bin_image, weighted_mean
+from .core.degree import is_auto
 from .core.inputs import check_degree
 from .core.poly import coef_from_scaled
 from .core.robust import absurd_mask, source_mask
@@ -170,9 +171,6 @@ class Outcome:
     #: ``robust_nsigma``, ``robust_grow``, ``robust_nclip``, ``robust_passes``,
     #: ``npix_absurd``); None: not recorded
     robust: dict = None
-    #: ``(M, M)`` covariance of ``coefficients`` (None without ERR in every
-    #: model: the noise is then unknown), see `jwst_wiimatch.core.uncertainty`
-    covariance: np.ndarray = None
 
     @property
     def matched(self):
@@ -369,6 +367,8 @@ def _capped_binning(binning, shape, what):
 
 def parse_degree(degree, ndim):
     """Degree per axis (xi, eta[, wavelength]) from an int, a list, or command-line text."""
+    if is_auto(degree):  # chosen by cross-validation, see jwst_wiimatch.core.degree
+        return "auto"
     value = degree
     if isinstance(value, (list, tuple)) and any(isinstance(v, str) for v in value):
         value = ",".join(str(v) for v in value)
@@ -380,8 +380,9 @@ def parse_degree(degree, ndim):
             nums = None
         if not nums:
             raise ValueError(
-                f"degree={degree!r} is not an integer or a list of integers; give "
-                "e.g. degree=1 or degree=[1, 1] (one per axis: xi, eta[, wavelength])"
+                f"degree={degree!r} is not an integer, a list of integers or 'auto'; "
+                "give e.g. degree=1, degree=[1, 1] (one per axis: xi, eta[, "
+                "wavelength]) or degree='auto' (chosen by cross-validation)"
             )
         value = nums if len(nums) > 1 else nums[0]
     if isinstance(value, float) and value.is_integer():
@@ -516,11 +517,14 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
     frame = fr.FRAME_CUBE if ndim == 3 else fr.FRAME
 
     def engine(images, sigmas, origins, **level_args):
-        return match_backgrounds(
+        nonlocal degree
+        res = match_backgrounds(
             images, masks=None, sigmas=sigmas, degree=degree, center=(0.0,) * ndim,
             image2world=image2world, center_cs="world", solver=solver, threads=threads,
             origins=origins, grid_shape=grid_shape, client=client, **level_args,
             **(robust or {}))
+        degree = res.degree  # the chosen one with degree='auto'
+        return res
 
     diag = {}
     if not shared:
@@ -529,6 +533,8 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
         gred = [_combine_grid_group([reduced[k] for k in g]) for g in groups]
         outcomes, components = _spread(reduced, groups, *_solve(
             gred, engine, lambda c: c, level=level, members=groups, diag=diag))
+    if is_auto(degree):  # nothing was matched: no degree was chosen
+        degree = (0,) * ndim
     return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=frame, binning=b,
                                   grid_shape=grid_shape, groups=components,
                                   diagnostics=diag or None)
@@ -761,10 +767,13 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
              grid_shape[1], grid_shape[0])
 
     def engine(images, sigmas, origins, **level_args):
-        return match_backgrounds(images, masks=None, sigmas=sigmas, degree=degree,
-                                 center=center, solver=solver, threads=threads,
-                                 origins=origins, grid_shape=grid_shape, client=client,
-                                 **level_args, **(robust or {}))
+        nonlocal degree
+        res = match_backgrounds(images, masks=None, sigmas=sigmas, degree=degree,
+                                center=center, solver=solver, threads=threads,
+                                origins=origins, grid_shape=grid_shape, client=client,
+                                **level_args, **(robust or {}))
+        degree = res.degree  # the chosen one with degree='auto'
+        return res
 
     def to_frame(coef):  # grid-cell units -> degrees of the tangent plane
         return coef_from_scaled(coef[None, :], degree, (0.0, 0.0), (step, step))[0]
@@ -772,6 +781,8 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
     diag = {}
     outcomes, groups_models = _spread(reduced, groups, *_solve(
         gred, engine, to_frame, level=level, members=groups, diag=diag))
+    if is_auto(degree):  # nothing was matched: no degree was chosen
+        degree = (0, 0)
     return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=fr.FRAME,
                                   binning=binning, grid_shape=grid_shape,
                                   groups=groups_models, diagnostics=diag or None)
@@ -882,12 +893,16 @@ def _robust_fields(result):
             "robust_passes": int(info["passes"])}
 
 
-def _frame_covariance(cov, j, nimages, to_frame):
-    """Image ``j``'s block of the engine's covariance, in the frame's basis."""
-    m = cov.shape[0] // nimages
-    block = cov[j * m:(j + 1) * m, j * m:(j + 1) * m]
-    t = np.array([np.ravel(to_frame(e)) for e in np.eye(m)])  # linear map
-    return t.T @ block @ t
+def _degree_fields(result):
+    """``meta.wiimatch['degree_choice']`` with ``degree='auto'`` (empty otherwise)."""
+    info = getattr(result, "degree_scores", None)
+    if not info:
+        return {}
+    log.info("wiimatch: degree='auto' chose degree %d (held-out pair residual per cell "
+             "%s for degrees %s)", info["chosen"],
+             [round(v, 6) for v in info["score"]], info["candidates"])
+    return {"degree_choice": {k: (list(v) if isinstance(v, list) else v)
+                              for k, v in info.items()}}
 
 
 def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
@@ -914,12 +929,11 @@ def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
     origins = [reduced[k].origin for k in usable]
     members = [[k] for k in range(n)] if members is None else members
     args = _engine_level_args(level, [members[k] for k in usable])
-    errors = all(reduced[k].has_err for k in usable)  # else the noise is unknown
     with warnings.catch_warnings():
         # said below with model names
         warnings.filterwarnings("ignore", "no reference image in the group|no level was "
                                 "given", MatchWarning)
-        result = engine(images, sigmas, origins, covariance=errors,
+        result = engine(images, sigmas, origins,
                         **{k: v for k, v in args.items() if k != "no_reference"})
     for j, k in enumerate(usable):
         o = outcomes[k]
@@ -935,9 +949,7 @@ def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
             o.rms_before = float(result.rms_before[j])
             o.undetermined = [tuple(int(e) for e in t[1]) for t in result.undetermined
                               if t[0] == j]
-            o.robust = _robust_fields(result)
-            if result.covariance is not None:
-                o.covariance = _frame_covariance(result.covariance, j, len(usable), to_frame)
+            o.robust = {**_robust_fields(result), **_degree_fields(result)}
     if level is not None:
         _record_levels(outcomes, usable, result, names, args)
     per_image, run = report.engine_diagnostics(
@@ -978,8 +990,10 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
         indices, or (``'grid'`` kind) ``'group_id'``: models of one exposure
         (same ``meta.group_id``, else same ``meta.observation`` exposure) share
         one; default: each model alone.
-    degree : int or tuple of int
-        Polynomial degree per frame axis (xi, eta[, wavelength]).
+    degree : int or tuple of int or 'auto'
+        Polynomial degree per frame axis (xi, eta[, wavelength]); ``'auto'``:
+        chosen by cross-validation on held-out overlap cells (recorded in
+        ``meta.wiimatch['degree_choice']``, see ``docs/step.rst``).
     refpoint : sequence of float, None
         Reference point ``[ra, dec[, wavelength]]``; default: the centre of
         the grid (``'grid'``) or of the first model's detector (``'sky'``).
@@ -1059,9 +1073,6 @@ def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra, cal_ste
                                **({"npix_absurd": int(outcome.absurd),
                                    "npix_sources": int(outcome.sources)} if outcome.robust
                                   else {})}
-    if outcome.covariance is not None:
-        model.meta.wiimatch = {**model.meta.wiimatch.instance, **records.background_errors(
-            model, summary.degree, summary.refpoint, outcome.covariance)}
     if subtract:
         entry = {"degree": list(summary.degree), "refpoint": summary.refpoint,
                  "coefficients": outcome.coefficients}

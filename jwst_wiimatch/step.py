@@ -21,6 +21,7 @@ from stpipe.datamodel import AbstractDataModel
 from stpipe.library import AbstractModelLibrary
 
 from . import report
+from .core.degree import is_auto
 from .core.inputs import check_solver
 from .matching import (LevelChoice, apply_outcomes, default_threads, map_models,
                        match_models, parse_degree)
@@ -57,7 +58,7 @@ class WiiMatchStep(Step):
     class_alias = "wiimatch"
 
     spec = """
-    degree = pass(default=1)  # polynomial degree: one integer for all axes, or one per axis (xi,eta[,wavelength]), e.g. 1 or 2,2,0 (checked and stored as integers)
+    degree = pass(default=1)  # polynomial degree: one integer for all axes, or one per axis (xi,eta[,wavelength]), e.g. 1 or 2,2,0 (checked and stored as integers), or auto (chosen by cross-validation on held-out overlap cells)
     refpoint = float_list(min=2, max=3, default=None)  # reference point ra,dec or ra,dec,wavelength of the polynomial frame, e.g. 150.1,2.2; None = world coordinates of the grid center
     solver = string(default='RLU')  # linear solver: 'RLU' (LU with image 0 fixed, then zero-sum) or 'PINV' (pseudo-inverse), any case
     dqbits = string(default='~DO_NOT_USE+NON_SCIENCE')  # DQ bit flags of pixels that are used anyway (jwst's convention); '~' inverts: '~DO_NOT_USE+NON_SCIENCE' (default) leaves out pixels with DO_NOT_USE or NON_SCIENCE set; None or '' ignores DQ
@@ -449,8 +450,10 @@ def typed_degree(value):
     """``degree`` as an int (all axes) or a list of ints (one per axis).
 
     Raises ValueError naming ``degree`` for anything else (see
-    `jwst_wiimatch.matching.parse_degree`).
+    `jwst_wiimatch.matching.parse_degree`). ``'auto'`` stays ``'auto'``.
     """
+    if is_auto(value):
+        return "auto"
     try:
         return int(parse_degree(value, 1)[0])
     except ValueError:

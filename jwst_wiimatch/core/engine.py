@@ -14,6 +14,7 @@ from .accumulate import _n_threads, accumulate
 from .coords import make_frame
 from .inputs import (check_center, check_inputs, check_solver, common_sigma_scale,
                      sigma_unusable)
+from .degree import choose_degree, is_auto
 from .diagnostics import fit_diagnostics
 from .levels import check_level_args, image_means, level_shifts, pick_extreme
 from .poly import basis_loss, coef_from_scaled, moments_to_basis
@@ -111,6 +112,12 @@ class MatchResult:
         ``passes`` (reweighted passes done), ``converged``, ``stride`` (of
         the start's lattice) and ``scale`` (per pair ``(l, m)``: the robust
         sigma of its normalised residuals; 1.0 when the sigmas are right).
+    degree_scores : dict, None
+        ``degree='auto'`` (None otherwise): the cross-validation that chose
+        ``degree`` (see :func:`jwst_wiimatch.core.degree.choose_degree`):
+        ``candidates``, ``score`` (held-out pair residual per pixel),
+        ``stderr``, ``paired_stderr``, ``fold_scores``, ``nfolds``,
+        ``block``, ``best``, ``chosen``.
     """
 
     coef: np.ndarray
@@ -136,6 +143,7 @@ class MatchResult:
     absurd: np.ndarray = None
     robust: dict = None
     covariance: np.ndarray = None
+    degree_scores: dict = None
 
     def equations(self):
         """The normal equations ``(a, b)`` in the documented (unscaled) basis."""
@@ -367,6 +375,13 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
     ropts = check_robust(robust, nsigma=nsigma, grow=grow, nclip=nclip, max_abs=max_abs)
     if max_abs is not None and not float(max_abs) > 0:
         raise ValueError(f"max_abs={max_abs!r} must be > 0 (or None).")
+    degree_scores = None
+    if is_auto(degree):  # cross-validated choice, see .degree
+        degree, degree_scores = _auto_degree(
+            images, masks, sigmas, method, dict(
+                center=center, image2world=image2world, center_cs=center_cs,
+                threads=threads, origins=origins, grid_shape=grid_shape, client=client,
+                robust=ropts, max_abs=max_abs, solver=method))
     prob, frame, mom = build_moments(images, masks, sigmas, degree, center=center,
                                      image2world=image2world, center_cs=center_cs,
                                      threads=threads, origins=origins,
@@ -413,7 +428,22 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         rms=rms, rms_before=rms_before, components=info.components,
         isolated=info.isolated, undetermined=info.undetermined, frame=frame, moments=mom,
         basis_loss=loss, conventions=conventions, mean_background=means, covariance=cov,
-        condition=list(info.condition), diagnostics=diag, **_rejections(mom, n))
+        condition=list(info.condition), diagnostics=diag, degree_scores=degree_scores,
+        **_rejections(mom, n))
+
+
+def _auto_degree(images, masks, sigmas, method, kw):
+    """``degree='auto'``: the degree chosen by :func:`.degree.choose_degree`."""
+    tol = pinv_tol(np.asarray(images[0]).dtype) if method == "PINV" else None
+
+    def moments_fn(fold_masks, deg):
+        return build_moments(images, fold_masks, sigmas, deg, **kw)[2]
+
+    def solve_fn(a, b, n, deg):
+        return solve_system(a, b, n, method=method, tol=tol, degree=deg, quiet=True)[0]
+
+    return choose_degree(images, masks, sigmas, moments_fn=moments_fn, solve_fn=solve_fn,
+                         origins=kw["origins"], grid_shape=kw["grid_shape"])
 
 
 def _covariance(prob, frame, a_u, info, conventions, lev, robust=False):

@@ -86,8 +86,8 @@ def check_degree(degree, ndim):
         degs = (int(degree),) * ndim
     elif isinstance(degree, str) or not np.iterable(degree):
         raise TypeError(
-            f"'degree' must be an integer or a sequence of {ndim} integers (one per "
-            f"axis, in (x, y, ...) order); got {degree!r}."
+            f"'degree' must be an integer, a sequence of {ndim} integers (one per "
+            f"axis, in (x, y, ...) order) or 'auto' (match_backgrounds); got {degree!r}."
         )
     else:
         degs = tuple(degree)

@@ -1,0 +1,164 @@
+"""Automatic choice of the polynomial degree by cross-validation over the overlaps.
+
+The fitted residual RMS cannot choose the degree: it can only fall as terms
+are added, while the true error of the backgrounds grows once the extra terms
+fit noise. Instead, the overlap pixels are split into ``nfolds`` *spatially
+blocked* folds (square blocks of the grid, each block in one fold, so that
+correlated neighbours do not leak from the training to the held-out pixels);
+each candidate degree is fitted on all folds but one and scored on the
+held-out fold's pair differences, for every fold in turn.
+
+The moments are sums, so one accumulation per fold (at the largest candidate
+degree) gives everything: the training sums are the totals minus the fold's,
+moments of a lower degree are the leading parts of those of the highest, and
+the held-out weighted sum of squares of a fit ``c`` is
+``chi - 2 dc . T + dc^T S dc`` from the held-out fold's own moments.
+"""
+import logging
+import warnings
+
+import numpy as np
+
+from .inputs import check_inputs
+from .solve import assemble, gram_index
+
+__all__ = ["DEGREE_CANDIDATES", "choose_degree", "is_auto"]
+
+log = logging.getLogger(__name__)
+
+#: candidate degrees (the same on every axis); 3 only with enough pixels
+DEGREE_CANDIDATES = (0, 1, 2, 3)
+#: overlap pixels needed per unknown (images x terms) for a candidate to be tried
+MIN_PIXELS_PER_UNKNOWN = 20
+NFOLDS = 5
+#: fold blocks: 1/BLOCK_DIV of the grid's shortest side, at most BLOCK_MAX pixels
+BLOCK_DIV = 8
+BLOCK_MAX = 32
+
+
+def is_auto(degree):
+    """Whether ``degree`` asks for the automatic choice (the string ``'auto'``)."""
+    return isinstance(degree, str) and degree.strip().lower() == "auto"
+
+
+def _fold_labels(shape, block, nfolds, seed=0):
+    """Fold of every grid pixel: blocks of ``block`` pixels per side, shuffled."""
+    nb = [max(1, -(-n // block)) for n in shape]
+    order = np.random.default_rng(seed).permutation(int(np.prod(nb))) % nfolds
+    blocks = order.reshape(nb)
+    idx = np.ix_(*[np.arange(n) // block for n in shape])
+    return blocks[idx]
+
+
+def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
+                  candidates=DEGREE_CANDIDATES, moments_fn=None, solve_fn=None,
+                  origins=None, grid_shape=None):
+    """Pick a degree by k-fold cross-validation of the held-out pair residuals.
+
+    ``moments_fn(masks, degree)`` returns the :class:`PairMoments` of the
+    problem with the given masks (so that robust matching, absurd-value cuts
+    and cutouts work as in the fit itself); ``solve_fn(a, b, n, degree)`` solves the
+    normal equations (zero-sum convention; the held-out residuals do not
+    depend on the convention).
+
+    Returns
+    -------
+    degree : tuple of int
+        The smallest candidate whose per-fold score differences from the
+        best candidate average within one standard error (of those
+        differences) of zero.
+    scores : dict
+        ``{'candidates', 'score', 'stderr', 'paired_stderr', 'fold_scores',
+        'nfolds', 'block', 'best', 'chosen'}``; ``score`` is the held-out weighted
+        squared pair residual per pixel (a normalised chi-square, 1.0 =
+        noise, when the sigmas are right); NaN for a candidate not tried.
+    """
+    ndim = np.ndim(images[0])
+    prob = check_inputs(images, masks, sigmas, 0, origins=origins, grid_shape=grid_shape)
+    shape = prob.shape
+    if block is None:
+        block = int(max(4, min(BLOCK_MAX, min(shape) // BLOCK_DIV)))
+    labels = _fold_labels(shape, block, nfolds)
+    n = len(prob.images)
+    dmax = max(candidates)
+
+    def fold_masks(k):  # built one fold at a time: memory of one set of masks
+        fm = []
+        for i, im in enumerate(prob.images):
+            o = prob.origins[i] if prob.origins is not None else (0,) * ndim
+            lab = labels[tuple(slice(a, a + s) for a, s in zip(o, im.shape))] == k
+            base = prob.masks[i]
+            fm.append(lab if base is None else (np.asarray(base, bool) & lab))
+        return fm
+
+    top = (dmax,) * ndim
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once, by the fit itself
+        folds = [moments_fn(fold_masks(k), top) for k in range(nfolds)]
+    keys = sorted(set().union(*(f.S for f in folds)))
+    totS = {key: sum(f.S[key] for f in folds if key in f.S) for key in keys}
+    totT = {key: sum(f.T[key] for f in folds if key in f.T) for key in keys}
+    npix = sum(sum(f.npix.values()) for f in folds)
+    scores, errs, fold_scores = [], [], []
+    for d in candidates:
+        deg = (d,) * ndim
+        nterms = (d + 1) ** ndim
+        if npix < MIN_PIXELS_PER_UNKNOWN * n * nterms or not keys:
+            scores.append(np.nan)
+            errs.append(np.nan)
+            fold_scores.append([np.nan] * nfolds)
+            continue
+        ms = tuple(slice(0, 2 * d + 1) for _ in range(ndim))
+        ts = tuple(slice(0, d + 1) for _ in range(ndim))
+        idx = gram_index(deg)
+        per_fold, ssr_all, pix_all = [], 0.0, 0
+        for f in folds:
+            S = {key: totS[key][ms] - (f.S[key][ms] if key in f.S else 0) for key in keys}
+            T = {key: totT[key][ts] - (f.T[key][ts] if key in f.T else 0) for key in keys}
+            a, b = assemble(n, deg, S, T)
+            coef = np.asarray(solve_fn(a, b, n, deg)).reshape(n, nterms)
+            ssr, pix = 0.0, 0
+            for key, s in f.S.items():
+                l, m = key
+                dc = coef[l] - coef[m]
+                t = np.ravel(f.T[key][ts])
+                g = s[ms][idx]
+                ssr += max(f.chi[key] - 2 * dc @ t + dc @ g @ dc, 0.0)
+                pix += f.npix[key]
+            per_fold.append(ssr / pix if pix else np.nan)
+            ssr_all += ssr
+            pix_all += pix
+        scores.append(ssr_all / pix_all if pix_all else np.nan)
+        fold_scores.append(per_fold)
+        ok = np.isfinite(per_fold)
+        errs.append(float(np.std(np.asarray(per_fold)[ok], ddof=1) / np.sqrt(ok.sum()))
+                    if ok.sum() > 1 else 0.0)
+    sc = np.array(scores, dtype=float)
+    paired = [np.nan] * len(candidates)
+    if not np.isfinite(sc).any():
+        chosen = best = min(candidates)
+    else:
+        ib = int(np.nanargmin(sc))
+        best = chosen = candidates[ib]
+        for j, c in enumerate(candidates):
+            if not np.isfinite(sc[j]):
+                continue
+            # per-fold differences from the best: the folds' own scatter
+            # (how much overlap each fold holds, how noisy it is) cancels
+            diff = np.asarray(fold_scores[j]) - np.asarray(fold_scores[ib])
+            diff = diff[np.isfinite(diff)]
+            se = float(np.std(diff, ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
+            paired[j] = se
+            if chosen == best and j < ib and diff.size and diff.mean() <= se:
+                chosen = c
+    info = {"candidates": list(candidates), "score": [float(s) for s in sc],
+            "stderr": [float(e) for e in errs],
+            "paired_stderr": [float(e) for e in paired],
+            "fold_scores": [[float(v) for v in f] for f in fold_scores],
+            "nfolds": nfolds, "block": block, "best": best, "chosen": chosen}
+    log.info("degree='auto': held-out pair residual per pixel %s (paired standard error "
+             "against the best: %s) for degrees %s; chose %d (best %d; the smallest "
+             "within one standard error)",
+             [round(s, 6) for s in info["score"]], [round(e, 6) for e in info["paired_stderr"]],
+             list(candidates), chosen, best)
+    return (chosen,) * ndim, info

@@ -1,0 +1,148 @@
+"""degree='auto': the degree chosen by cross-validation on held-out overlap pixels."""
+import logging
+
+import numpy as np
+import pytest
+
+import step_helpers as h
+
+from jwst_wiimatch.core import polyval_nd
+from jwst_wiimatch.core.degree import choose_degree, _fold_labels
+from jwst_wiimatch.core.engine import match_backgrounds
+from jwst_wiimatch.step import WiiMatchStep, typed_degree
+
+
+def _case(kind, seed, n=4, shape=(96, 96), sigma=1.0, amp=3.0):
+    """``n`` overlapping noisy images with backgrounds of total degree ``kind``."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    x = (xx - nx / 2) / (nx / 2)
+    y = (yy - ny / 2) / (ny / 2)
+    imgs, masks, bgs = [], [], []
+    for _ in range(n):
+        c = rng.normal(0, amp, 8)
+        b = np.full(shape, c[0])
+        if kind >= 1:
+            b = b + c[1] * x + c[2] * y
+        if kind >= 2:
+            b = b + c[3] * x * x + c[4] * y * y + c[5] * x * y
+        oy, ox = rng.integers(0, ny // 3), rng.integers(0, nx // 3)
+        m = np.zeros(shape, bool)
+        m[oy:oy + 2 * ny // 3, ox:ox + 2 * nx // 3] = True
+        imgs.append(b + rng.normal(0, sigma, shape))
+        masks.append(m)
+        bgs.append(b)
+    return imgs, masks, [sigma] * n, bgs
+
+
+def _true_error(res, masks, bgs):
+    """RMS over each image's pixels of the background error, common part removed."""
+    shape = masks[0].shape
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    X, Y = xx - res.eff_center[0], yy - res.eff_center[1]
+    dims = tuple(d + 1 for d in res.degree)
+    e = np.array([polyval_nd(c.reshape(dims), X, Y) - b for c, b in zip(res.coef, bgs)])
+    e -= e.mean(axis=0)
+    return float(np.sqrt(np.mean([np.mean(ei[m] ** 2) for ei, m in zip(e, masks)])))
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_auto_picks_true_degree(kind, seed, caplog):
+    imgs, masks, sigmas, _ = _case(kind, seed)
+    with caplog.at_level(logging.INFO, logger="jwst_wiimatch.core.degree"):
+        res = match_backgrounds(imgs, masks, sigmas, degree="auto")
+    assert res.degree == (kind, kind)
+    info = res.degree_scores
+    assert info["chosen"] == kind and info["candidates"][:3] == [0, 1, 2]
+    assert len(info["score"]) == len(info["candidates"]) == len(info["stderr"])
+    # held-out residual of the right degree ~ noise (normalised chi-square ~ 1)
+    assert info["score"][kind] == pytest.approx(1.0, abs=0.1)
+    assert "chose %d" % kind in caplog.text
+
+
+def test_auto_true_error_within_1p2_of_best_fixed():
+    # constants, planes and quadratics, strong and moderate (terms of 1 and 3
+    # noise sigmas); at terms of ~0.1 sigma the choice is a coin toss that CV
+    # cannot resolve (docs/algorithm.rst, "Choosing the degree")
+    cases = [(k, s, amp) for k in (0, 1, 2) for s in (3, 4, 5) for amp in (1.0, 3.0)]
+    for kind, seed, amp in cases:
+        imgs, masks, sigmas, bgs = _case(kind, seed, amp=amp)
+        fixed = [_true_error(match_backgrounds(imgs, masks, sigmas, degree=d), masks, bgs)
+                 for d in range(4)]
+        auto = _true_error(match_backgrounds(imgs, masks, sigmas, degree="auto"), masks, bgs)
+        assert auto <= 1.2 * min(fixed), (kind, seed, amp, fixed, auto)
+
+
+def test_fitted_rms_cannot_choose():
+    # the fitted RMS falls with the degree even on constants; the CV score does not
+    imgs, masks, sigmas, _ = _case(0, 9)
+    rms = [float(np.nanmean(match_backgrounds(imgs, masks, sigmas, degree=d).rms))
+           for d in range(4)]
+    assert rms[3] < rms[2] < rms[1] < rms[0]
+    assert match_backgrounds(imgs, masks, sigmas, degree="auto").degree == (0, 0)
+
+
+def test_cutouts_and_fixed_degree_unchanged():
+    imgs, masks, sigmas, _ = _case(1, 10)
+    res = match_backgrounds(imgs, masks, sigmas, degree=1)
+    assert res.degree_scores is None
+    auto = match_backgrounds(imgs, masks, sigmas, degree="auto")
+    np.testing.assert_array_equal(auto.coef, res.coef)
+
+
+def test_folds_are_blocks():
+    lab = _fold_labels((40, 40), 8, 5)
+    assert set(np.unique(lab)) == set(range(5))
+    # constant within each 8 x 8 block
+    assert all(len(np.unique(lab[i:i + 8, j:j + 8])) == 1
+               for i in range(0, 40, 8) for j in range(0, 40, 8))
+
+
+def test_bad_degree_refused():
+    imgs, masks, sigmas, _ = _case(0, 1)
+    with pytest.raises((TypeError, ValueError), match="degree"):
+        match_backgrounds(imgs, masks, sigmas, degree="automatic")
+    with pytest.raises(ValueError, match="degree"):
+        typed_degree("automatic")
+    with pytest.raises(ValueError, match="degree"):
+        WiiMatchStep(degree="automatic")
+    assert typed_degree("auto") == "auto" and typed_degree("AUTO") == "auto"
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_step_auto_end_to_end(degree, caplog):
+    models, truths, ref = h.make_models(n=4, degree=degree, noise=0.05)
+    with caplog.at_level(logging.INFO):
+        out = WiiMatchStep.call(models, degree="auto", source_nsigma=0)
+    for m in out:
+        w = m.meta.wiimatch.instance
+        assert list(w["degree"]) == [degree, degree]
+        choice = w["degree_choice"]
+        assert choice["chosen"] == degree
+        assert len(choice["score"]) == len(choice["candidates"])
+    assert "degree='auto' chose degree %d" % degree in caplog.text
+
+
+def test_choose_degree_direct():
+    imgs, masks, sigmas, _ = _case(1, 11)
+    from jwst_wiimatch.core.engine import build_moments
+    from jwst_wiimatch.core.solve import solve_system
+
+    deg, info = choose_degree(
+        imgs, masks, sigmas,
+        moments_fn=lambda fm, d: build_moments(imgs, fm, sigmas, d)[2],
+        solve_fn=lambda a, b, n, d: solve_system(a, b, n, degree=d, quiet=True)[0])
+    assert deg == (1, 1) and info["best"] in (1, 2, 3)
+
+
+def test_auto_with_robust_matching_and_junk():
+    # junk that does not cancel: robust matching runs per fold too
+    imgs, masks, sigmas, _ = _case(1, 12)
+    rng = np.random.default_rng(0)
+    hit = rng.random(imgs[0].shape) < 0.01
+    imgs[0] = imgs[0] + hit * rng.uniform(20, 500, imgs[0].shape)
+    res = match_backgrounds(imgs, masks, sigmas, degree="auto", robust="clip")
+    assert res.degree == (1, 1)
+    assert res.degree_scores["score"][1] == pytest.approx(1.0, abs=0.15)
