@@ -171,6 +171,9 @@ class Outcome:
     #: ``robust_nsigma``, ``robust_grow``, ``robust_nclip``, ``robust_passes``,
     #: ``npix_absurd``); None: not recorded
     robust: dict = None
+    #: ``(M, M)`` covariance of ``coefficients`` (None without ERR in every
+    #: model: the noise is then unknown), see `jwst_wiimatch.core.uncertainty`
+    covariance: np.ndarray = None
 
     @property
     def matched(self):
@@ -905,6 +908,14 @@ def _degree_fields(result):
                               for k, v in info.items()}}
 
 
+def _frame_covariance(cov, j, nimages, to_frame):
+    """Image ``j``'s block of the engine's covariance, in the frame's basis."""
+    m = cov.shape[0] // nimages
+    block = cov[j * m:(j + 1) * m, j * m:(j + 1) * m]
+    t = np.array([np.ravel(to_frame(e)) for e in np.eye(m)])  # linear map
+    return t.T @ block @ t
+
+
 def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
     """Run the engine on the usable reduced images; one Outcome per reduced image.
 
@@ -929,11 +940,12 @@ def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
     origins = [reduced[k].origin for k in usable]
     members = [[k] for k in range(n)] if members is None else members
     args = _engine_level_args(level, [members[k] for k in usable])
+    errors = all(reduced[k].has_err for k in usable)  # else the noise is unknown
     with warnings.catch_warnings():
         # said below with model names
         warnings.filterwarnings("ignore", "no reference image in the group|no level was "
                                 "given", MatchWarning)
-        result = engine(images, sigmas, origins,
+        result = engine(images, sigmas, origins, covariance=errors,
                         **{k: v for k, v in args.items() if k != "no_reference"})
     for j, k in enumerate(usable):
         o = outcomes[k]
@@ -950,6 +962,8 @@ def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
             o.undetermined = [tuple(int(e) for e in t[1]) for t in result.undetermined
                               if t[0] == j]
             o.robust = {**_robust_fields(result), **_degree_fields(result)}
+            if result.covariance is not None:
+                o.covariance = _frame_covariance(result.covariance, j, len(usable), to_frame)
     if level is not None:
         _record_levels(outcomes, usable, result, names, args)
     per_image, run = report.engine_diagnostics(
@@ -1073,6 +1087,9 @@ def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra, cal_ste
                                **({"npix_absurd": int(outcome.absurd),
                                    "npix_sources": int(outcome.sources)} if outcome.robust
                                   else {})}
+    if outcome.covariance is not None:
+        model.meta.wiimatch = {**model.meta.wiimatch.instance, **records.background_errors(
+            model, summary.degree, summary.refpoint, outcome.covariance)}
     if subtract:
         entry = {"degree": list(summary.degree), "refpoint": summary.refpoint,
                  "coefficients": outcome.coefficients}
