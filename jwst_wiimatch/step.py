@@ -36,7 +36,21 @@ log = logging.getLogger(__name__)
 _SUFFIX = "wiimatch"
 
 
-class WiiMatchStep(Step):
+class NoCRDS:
+    """Mixin for an stpipe Step that has no CRDS parameter files and never contacts CRDS."""
+
+    @classmethod
+    def get_config_from_reference(cls, dataset, disable=None, crds_observatory=None):
+        """Return an empty configuration: there are no CRDS parameter files."""
+        return ConfigObj()
+
+    @classmethod
+    def _get_crds_parameters(cls, dataset):
+        # never open the input nor contact CRDS to look for parameters
+        return {}, "jwst"
+
+
+class WiiMatchStep(NoCRDS, Step):
     """Match the backgrounds of resampled exposures that share one pixel grid.
 
     For N models on a common grid (resampled images, or IFU cubes built on
@@ -94,18 +108,8 @@ class WiiMatchStep(Step):
     prefetch_references = False
 
     # ------------------------------------------------------------------
-    # stpipe plumbing: no CRDS, our logger, our way to open files
+    # stpipe plumbing: no CRDS (NoCRDS), our logger, our way to open files
     # ------------------------------------------------------------------
-    @classmethod
-    def get_config_from_reference(cls, dataset, disable=None, crds_observatory=None):
-        """Return an empty configuration: wiimatch has no CRDS parameter files."""
-        return ConfigObj()
-
-    @classmethod
-    def _get_crds_parameters(cls, dataset):
-        # never open the input nor contact CRDS to look for parameters
-        return {}, "jwst"
-
     @staticmethod
     def get_stpipe_loggers():
         """Loggers stpipe configures while the step runs."""

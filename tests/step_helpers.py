@@ -224,23 +224,16 @@ def passthrough_step(loggers=("stpipe",)):
     """An stpipe Step class that returns its input, never contacts CRDS and
     configures the loggers named (to host WiiMatchStep as a hook)."""
     from stpipe import Step
-    from stpipe.config_parser import ConfigObj
 
-    class Passthrough(Step):
+    from jwst_wiimatch.step import NoCRDS
+
+    class Passthrough(NoCRDS, Step):
         spec = """
         output_ext = string(default='.fits')
         """
 
         def process(self, data):
             return data
-
-        @classmethod
-        def get_config_from_reference(cls, dataset, disable=None, crds_observatory=None):
-            return ConfigObj()
-
-        @classmethod
-        def _get_crds_parameters(cls, dataset):
-            return {}, "jwst"
 
         @staticmethod
         def get_stpipe_loggers():
