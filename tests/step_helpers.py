@@ -240,3 +240,17 @@ def passthrough_step(loggers=("stpipe",)):
             return tuple(loggers)
 
     return Passthrough
+
+
+def make_cube_build_cubes(n=3, shape=(8, 24, 28), noise=0.05, seed=5):
+    """``make_models`` cubes (degree 1 per axis) with the names and metadata that
+    cube_build writes for one exposure and one band (MIRI MRS ch1-short)."""
+    models, truths, ref = make_models(n=n, shape=shape, cube=True, degree=[1, 1, 1],
+                                      noise=noise, seed=seed)
+    for k, m in enumerate(models):
+        m.meta.filename = f"jw01234001001_0210{k + 1}_00001_mirifushort_ch1-short_s3d.fits"
+        m.meta.instrument.channel = "1"
+        m.meta.instrument.band = "SHORT"
+        m.meta.ifu.error_type = "ERR"
+        m.meta.cal_step.cube_build = "COMPLETE"
+    return models, truths, ref

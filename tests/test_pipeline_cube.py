@@ -20,15 +20,7 @@ def test_cube_recipe_from_command_line(tmp_path, monkeypatch):
     from stdatamodels.jwst import datamodels
     from stpipe import Step
 
-    models, truths, ref = h.make_models(n=3, shape=(8, 24, 28), cube=True,
-                                        degree=[1, 1, 1], noise=NOISE, seed=5)
-    for k, m in enumerate(models):
-        # what cube_build writes for one exposure, one band
-        m.meta.filename = f"jw01234001001_0210{k + 1}_00001_mirifushort_ch1-short_s3d.fits"
-        m.meta.instrument.channel = "1"
-        m.meta.instrument.band = "SHORT"
-        m.meta.ifu.error_type = "ERR"
-        m.meta.cal_step.cube_build = "COMPLETE"
+    models, truths, ref = h.make_cube_build_cubes(shape=(8, 24, 28), noise=NOISE, seed=5)
     asn = h.write_asn(models, str(tmp_path / "cubes"), name="cubes_asn.json")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "matched"

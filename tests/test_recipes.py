@@ -541,17 +541,10 @@ def _write_cal(folder):
 def _write_cubes(folder):
     import step_helpers as h
 
-    models, _, _ = h.make_models(n=3, shape=(6, 20, 24), cube=True, degree=[1, 1, 1],
-                                 noise=0.01, seed=5)
+    models, _, _ = h.make_cube_build_cubes(shape=(6, 20, 24), noise=0.01, seed=5)
     cubes = folder / "cubes"
     cubes.mkdir()
-    for k, m in enumerate(models):
-        # what cube_build writes for one exposure, one band
-        m.meta.filename = f"jw01234001001_0210{k + 1}_00001_mirifushort_ch1-short_s3d.fits"
-        m.meta.instrument.channel = "1"
-        m.meta.instrument.band = "SHORT"
-        m.meta.ifu.error_type = "ERR"
-        m.meta.cal_step.cube_build = "COMPLETE"
+    for m in models:
         m.save(str(cubes / m.meta.filename))
 
 
