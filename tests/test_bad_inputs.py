@@ -284,13 +284,16 @@ def member_corrupt_asdf(tmp_path):
     return lambda: via_call(str(asn))
 
 
-def library_member_not_fits(tmp_path):
-    from jwst.datamodels import ModelLibrary
+def _library_member_not_fits(make_models, member_path, via):
+    """A jwst ModelLibrary whose member 2 stops being FITS after the library is made."""
+    def build(tmp_path):
+        from jwst.datamodels import ModelLibrary
 
-    asn = write(i2d_models(), tmp_path)
-    lib = ModelLibrary(asn, on_disk=False)  # reads the group ids while the files are good
-    not_fits(member(tmp_path, 2))
-    return lambda: via_call(lib)
+        asn = write(make_models(), tmp_path)
+        lib = ModelLibrary(asn, on_disk=False)  # reads the group ids while the files are good
+        not_fits(member_path(tmp_path, 2))
+        return lambda: via(lib)
+    return build
 
 
 def sky_member_truncated(tmp_path):
@@ -303,15 +306,6 @@ def sky_member_missing(tmp_path):
     asn = write(cal_models(), tmp_path)
     os.remove(cal_member(tmp_path, 0))
     return lambda: via_sky(asn)
-
-
-def sky_member_not_fits_library(tmp_path):
-    from jwst.datamodels import ModelLibrary
-
-    asn = write(cal_models(), tmp_path)
-    lib = ModelLibrary(asn, on_disk=False)  # reads the group ids while the files are good
-    not_fits(cal_member(tmp_path, 2))
-    return lambda: via_sky(lib)
 
 
 # a refpoint on the far side of the sky
@@ -483,14 +477,16 @@ CASES = [
          ("input 1", NAMED, "FITS")),
     Case("list-member-err-extension-removed", _broken_member(drop_err, "list"), ValueError,
          ("input 1", NAMED, "ERR")),
-    Case("library-member-not-fits", library_member_not_fits, ValueError,
+    Case("library-member-not-fits", _library_member_not_fits(i2d_models, member, via_call),
+         ValueError,
          ("member 2", "exp3_i2d.fits", "neither a FITS"), needs=("jwst",)),
     Case("sky-member-truncated", sky_member_truncated, ValueError,
          ("member 1", CAL2, "truncated"), needs=("jwst",)),
     Case("sky-member-missing", sky_member_missing, ValueError,
          ("member 0", "jw01234001001_02101_00001_nrca1_cal.fits", "does not exist"),
          needs=("jwst",)),
-    Case("sky-member-not-fits-in-library", sky_member_not_fits_library, ValueError,
+    Case("sky-member-not-fits-in-library",
+         _library_member_not_fits(cal_models, cal_member, via_sky), ValueError,
          ("member 2", "jw01234001001_02103_00001_nrca1_cal.fits", "neither a FITS"),
          needs=("jwst",)),
     # a refpoint on the far side of the sky
