@@ -322,7 +322,7 @@ class WiiMatchStep(NoCRDS, Step):
             return None
         n = len(library)
         files = [member_file(library, k) for k in range(n)]
-        names = member_names(library)
+        names = member_names(library, files)
         if self.output_use_model and not self.output_file:
             paths = [self.make_output_path(basepath=name) for name in names]
         else:
@@ -505,9 +505,13 @@ def new_library(cls, data, scratch=None):
     return lib
 
 
-def member_names(library):
-    """File name of each model of a library (its member's file, else ``meta.filename``)."""
-    files = [member_file(library, k) for k in range(len(library))]
+def member_names(library, files=None):
+    """File name of each model of a library (its member's file, else ``meta.filename``).
+
+    ``files``: the library's `member_file` of each model, when already known.
+    """
+    if files is None:
+        files = [member_file(library, k) for k in range(len(library))]
     if all(files):
         return [os.path.basename(f) for f in files]
     return list(library.map_function(lambda model, index: model.meta.filename,
