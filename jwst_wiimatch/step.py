@@ -398,7 +398,7 @@ class WiiMatchStep(NoCRDS, Step):
                 lib = new_library(WiiMatchLibrary, path, scratch)
                 lib.check_members_exist()
                 return lib, lib
-            model = _open_model(path, path)
+            model = open_member(path, path)
             return model, WiiMatchLibrary([model])
         if isinstance(data, Mapping):
             asn = check_association(copy.deepcopy(dict(data)), name="association dict")
@@ -415,7 +415,7 @@ class WiiMatchStep(NoCRDS, Step):
             models = []
             for k, item in enumerate(data):
                 if isinstance(item, (str, os.PathLike)):
-                    models.append(_open_model(os.fspath(item), f"input {k} ({item})"))
+                    models.append(open_member(os.fspath(item), f"input {k} ({item})"))
                 elif isinstance(item, AbstractDataModel):
                     models.append(item.copy() if standalone else item)
                 else:
@@ -529,10 +529,6 @@ def library_copies(lib):
 def _copy_library(lib):
     """New library of the same class holding copies of the models."""
     return type(lib)(library_copies(lib))
-
-
-def _open_model(path, what):
-    return open_member(path, what)
 
 
 @contextlib.contextmanager
