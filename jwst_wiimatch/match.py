@@ -16,7 +16,7 @@ SUPPORTED_SOLVERS = list(SOLVERS)
 def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
               image2world=None, center_cs="image", ext_return=False, solver="RLU",
               level="zero_sum", reference=None, levels=None, robust=None, nsigma=4.0,
-              grow=1, nclip=3, max_abs=None):
+              grow=1, nclip=3, max_abs=None, terms=None):
     r"""Polynomial backgrounds that match image intensities in the least-squares sense.
 
     Finds, for every image ``n``, the polynomial ``P_n`` that minimises
@@ -95,6 +95,14 @@ def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
     max_abs : float, None, optional
         Leave out values with ``|value| > max_abs`` before any sum (None:
         no cut without ``robust``; an automatic one with it).
+    terms : {None, 'tensor', 'total'}, optional
+        ``'tensor'`` (None, the default; wiimatch's): every term
+        ``x**i y**j ...`` with each exponent up to its axis' degree;
+        ``'total'`` (an addition to wiimatch 0.3.2): only those of total
+        degree ``i + j + ...`` up to ``max(degree)`` (degree 1: the plane
+        ``1, x, y``). The coefficients keep the tensor layout below, with 0
+        for the absent terms; so do ``a`` and ``b``, which then also hold
+        the rows of the absent terms (the solution leaves those out).
 
     Returns
     -------
@@ -145,7 +153,8 @@ def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
                             center=center, image2world=image2world,
                             center_cs=center_cs, solver=solver, level=level,
                             reference=reference, levels=levels, robust=robust,
-                            nsigma=nsigma, grow=grow, nclip=nclip, max_abs=max_abs)
+                            nsigma=nsigma, grow=grow, nclip=nclip, max_abs=max_abs,
+                            terms=terms)
     if not ext_return:
         return res.coef
     a, b = res.equations()

@@ -46,8 +46,9 @@ import numpy as np
 from .core import MatchWarning, match_backgrounds
 from .core.accumulate import valid_box
 from .core.binning import bin_image, weighted_mean
-from .core.degree import is_auto
+from .core.degree import candidate_name, is_auto
 from .core.inputs import check_degree
+from .core.poly import check_terms
 from .core.poly import coef_from_scaled
 from .core.robust import absurd_mask, source_mask
 from .models import frame as fr
@@ -193,6 +194,8 @@ class MatchSummary:
     #: the run's fit diagnostics (``fit``, ``images``, ``pairs``, ``groups``:
     #: see `jwst_wiimatch.report.engine_diagnostics`), None when nothing was solved
     diagnostics: dict = None
+    #: the polynomials' terms: 'tensor' or 'total' (see `match_models`)
+    terms: str = "tensor"
 
 
 @dataclass
@@ -486,7 +489,7 @@ def _combine_grid_group(members):
 
 
 def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, client,
-                groups=None, level=None, robust=None, sources=None):
+                groups=None, level=None, robust=None, sources=None, terms=None):
     checker, degree, ref, func, lattice = _grid_setup(library, degree, refpoint)
     ndim = len(checker.shape)
     b = _capped_binning(binning, checker.shape, "the common grid") if ndim == 2 else 1
@@ -520,13 +523,13 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
     frame = fr.FRAME_CUBE if ndim == 3 else fr.FRAME
 
     def engine(images, sigmas, origins, **level_args):
-        nonlocal degree
+        nonlocal degree, terms
         res = match_backgrounds(
             images, masks=None, sigmas=sigmas, degree=degree, center=(0.0,) * ndim,
             image2world=image2world, center_cs="world", solver=solver, threads=threads,
-            origins=origins, grid_shape=grid_shape, client=client, **level_args,
-            **(robust or {}))
-        degree = res.degree  # the chosen one with degree='auto'
+            origins=origins, grid_shape=grid_shape, client=client, terms=terms,
+            **level_args, **(robust or {}))
+        degree, terms = res.degree, res.terms  # the chosen ones with degree='auto'
         return res
 
     diag = {}
@@ -540,7 +543,7 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
         degree = (0,) * ndim
     return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=frame, binning=b,
                                   grid_shape=grid_shape, groups=components,
-                                  diagnostics=diag or None)
+                                  diagnostics=diag or None, terms=check_terms(terms))
 
 
 def _spread(reduced, groups, goutcomes, gcomponents):
@@ -716,7 +719,7 @@ def _combine_cells(cells_list, keys):
 
 
 def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, threads, client,
-               level=None, robust=None, sources=None):
+               level=None, robust=None, sources=None, terms=None):
     degree = parse_degree(degree, 2)
     ref, step, binning = _sky_setup(library, refpoint, binning)
     log.info("wiimatch: reading %d exposures onto a grid of %.3g arcsec cells (%d input "
@@ -770,12 +773,12 @@ def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, thre
              grid_shape[1], grid_shape[0])
 
     def engine(images, sigmas, origins, **level_args):
-        nonlocal degree
+        nonlocal degree, terms
         res = match_backgrounds(images, masks=None, sigmas=sigmas, degree=degree,
                                 center=center, solver=solver, threads=threads,
                                 origins=origins, grid_shape=grid_shape, client=client,
-                                **level_args, **(robust or {}))
-        degree = res.degree  # the chosen one with degree='auto'
+                                terms=terms, **level_args, **(robust or {}))
+        degree, terms = res.degree, res.terms  # the chosen ones with degree='auto'
         return res
 
     def to_frame(coef):  # grid-cell units -> degrees of the tangent plane
@@ -901,9 +904,9 @@ def _degree_fields(result):
     info = getattr(result, "degree_scores", None)
     if not info:
         return {}
-    log.info("wiimatch: degree='auto' chose degree %d (held-out pair residual per cell "
-             "%s for degrees %s)", info["chosen"],
-             [round(v, 6) for v in info["score"]], info["candidates"])
+    log.info("wiimatch: degree='auto' chose degree %s (held-out pair residual per cell "
+             "%s for degrees %s)", candidate_name(info["chosen"], info["chosen_terms"]),
+             [round(v, 6) for v in info["score"]], info["labels"])
     return {"degree_choice": {k: (list(v) if isinstance(v, list) else v)
                               for k, v in info.items()}}
 
@@ -988,7 +991,7 @@ def _solve(reduced, engine, to_frame, level=None, members=None, diag=None):
 
 def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
                  solver="RLU", dqbits=pixels.DEFAULT_DQBITS, binning=1, threads=None,
-                 client=None, level=None, robust=None, sources=None):
+                 client=None, level=None, robust=None, sources=None, terms=None):
     """Match the backgrounds of the models of a library.
 
     Parameters
@@ -1008,6 +1011,11 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
         Polynomial degree per frame axis (xi, eta[, wavelength]); ``'auto'``:
         chosen by cross-validation on held-out overlap cells (recorded in
         ``meta.wiimatch['degree_choice']``, see ``docs/step.rst``).
+    terms : {None, 'tensor', 'total'}
+        The polynomials' terms (see :func:`jwst_wiimatch.core.match_backgrounds`):
+        ``'tensor'`` (every product of powers up to each axis' degree) or
+        ``'total'`` (total degree up to the degree: degree 1 is the plane
+        ``1, xi, eta``); None: ``'tensor'``, and both tried with ``'auto'``.
     refpoint : sequence of float, None
         Reference point ``[ra, dec[, wavelength]]``; default: the centre of
         the grid (``'grid'``) or of the first model's detector (``'sky'``).
@@ -1051,15 +1059,18 @@ def match_models(library, *, kind="grid", groups=None, degree=1, refpoint=None,
         raise ValueError(f"binning={binning} must be a positive integer (1: every pixel)")
     if len(library) == 0:
         raise ValueError("the input holds no models: give at least two")
+    if terms is not None:
+        terms = check_terms(terms)
     if kind == "grid":
         return _match_grid(library, degree, refpoint, solver, dqflags, binning, threads,
                            client, groups=groups, level=level, robust=robust,
-                           sources=sources)
+                           sources=sources, terms=terms)
     if kind == "sky":
         if groups is None:
             groups = [[k] for k in range(len(library))]
         return _match_sky(library, groups, degree, refpoint, solver, dqflags, binning,
-                          threads, client, level=level, robust=robust, sources=sources)
+                          threads, client, level=level, robust=robust, sources=sources,
+                          terms=terms)
     raise ValueError(f"kind={kind!r} must be 'grid' or 'sky'")
 
 
@@ -1075,7 +1086,7 @@ def _apply_one(model, outcome, summary, subtract, solver, dqbits, extra, cal_ste
         return
     level = records.pending_level(model)
     records.record_result(
-        model, degree=summary.degree, refpoint=summary.refpoint,
+        model, degree=summary.degree, refpoint=summary.refpoint, terms=summary.terms,
         coefficients=outcome.coefficients, subtract=subtract, frame=summary.frame,
         npix=outcome.npix, rms=outcome.rms, rms_before=outcome.rms_before, level=level,
         solver=solver, dqbits=dqbits, undetermined=outcome.undetermined, cal_step=cal_step)

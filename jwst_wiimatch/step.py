@@ -73,6 +73,7 @@ class WiiMatchStep(NoCRDS, Step):
 
     spec = """
     degree = pass(default=1)  # polynomial degree: one integer for all axes, or one per axis (xi,eta[,wavelength]), e.g. 1 or 2,2,0 (checked and stored as integers), or auto (chosen by cross-validation on held-out overlap cells)
+    terms = option('tensor', 'total', None, default=None)  # terms of the polynomials: 'tensor' (every product xi**i eta**j with i, j up to their axis' degree; degree 1 is 1, xi, eta, xi*eta) or 'total' (total degree i + j up to the degree; degree 1 is the plane 1, xi, eta); None: 'tensor', and with degree=auto both kinds are tried
     refpoint = float_list(min=2, max=3, default=None)  # reference point ra,dec or ra,dec,wavelength of the polynomial frame, e.g. 150.1,2.2; None = world coordinates of the grid center
     solver = string(default='RLU')  # linear solver: 'RLU' (LU with image 0 fixed, then zero-sum) or 'PINV' (pseudo-inverse), any case
     dqbits = string(default='~DO_NOT_USE+NON_SCIENCE')  # DQ bit flags of pixels that are used anyway (jwst's convention); '~' inverts: '~DO_NOT_USE+NON_SCIENCE' (default) leaves out pixels with DO_NOT_USE or NON_SCIENCE set; None or '' ignores DQ
@@ -191,7 +192,8 @@ class WiiMatchStep(NoCRDS, Step):
         paths = self._report_paths()
         client = stack.enter_context(dask_client(self.scheduler))
         outcomes, summary = match_models(
-            library, kind=kind, groups=groups, degree=self.degree, refpoint=self.refpoint,
+            library, kind=kind, groups=groups, degree=self.degree, terms=self.terms,
+            refpoint=self.refpoint,
             solver=solver, dqbits=self.dqbits, binning=self.binning, threads=threads,
             client=client, level=level, robust=self._robust_args(),
             sources=float(self.source_nsigma) or None)
@@ -628,8 +630,9 @@ def parse_cores(value):
 
 def log_summary(outcomes, summary):
     """Log the per-model table of a run."""
-    log.info("wiimatch: polynomial degree %s in %s, refpoint %s",
-             list(summary.degree), summary.frame, [round(v, 8) for v in summary.refpoint])
+    log.info("wiimatch: polynomial degree %s%s in %s, refpoint %s",
+             list(summary.degree), " (total degree)" if summary.terms == "total" else "",
+             summary.frame, [round(v, 8) for v in summary.refpoint])
     head = (f"{'model':<52s} {'npix':>10s} {'rejected':>9s} {'bkg@ref':>13s} "
             f"{'rms before':>12s} {'rms after':>12s} {'chi2':>8s}  status")
     lines = [head, "-" * len(head)]

@@ -63,11 +63,18 @@ def exponents(degree):
     return list(itertools.product(*[range(int(d) + 1) for d in degree]))
 
 
-def design_matrix(coords, degree):
-    """(npix, M) matrix of monomials x**p0 * y**p1 * ... on raveled grid."""
+def design_matrix(coords, degree, terms="tensor"):
+    """(npix, M) matrix of monomials x**p0 * y**p1 * ... on raveled grid.
+
+    ``terms='total'``: the columns of terms with ``sum(p) > max(degree)`` are
+    0 (such a term is absent; the minimum-norm solutions below give it 0).
+    """
+    top = max(int(d) for d in degree) if len(degree) else 0
     cols = []
     for p in exponents(degree):
         col = np.ones(coords[0].size)
+        if terms == "total" and sum(p) > top:
+            col = np.zeros(coords[0].size)
         for c, e in zip(coords, p):
             col = col * c.ravel() ** e
         cols.append(col)
@@ -223,7 +230,7 @@ def overlap_groups(images, masks=None, sigmas=None):
 
 
 def difference_system(images, masks=None, sigmas=None, degree=0, center=None,
-                      image2world=None, center_cs="image"):
+                      image2world=None, center_cs="image", terms="tensor"):
     """Weighted pairwise difference system A c ~= r over unordered pairs.
 
     One row per (pair l < m, pixel k valid in both):
@@ -234,7 +241,7 @@ def difference_system(images, masks=None, sigmas=None, degree=0, center=None,
     shape = images[0].shape
     degree = _degree_tuple(degree, len(shape))
     coords, _, _ = oracle_coords(shape, center, image2world, center_cs)
-    X = design_matrix(coords, degree)
+    X = design_matrix(coords, degree, terms)
     M = X.shape[1]
     N = len(images)
     valid = valid_masks(images, masks, sigmas)
@@ -272,7 +279,7 @@ def _constraint_rows(groups, N, M):
 
 
 def oracle_solve(images, masks=None, sigmas=None, degree=0, center=None,
-                 image2world=None, center_cs="image", return_info=False):
+                 image2world=None, center_cs="image", return_info=False, terms="tensor"):
     """Least-squares solution with per-group zero-sum normalisation.
 
     Solves the stacked dense system ``[A; C] c ~= [r; 0]`` with ``lstsq``
@@ -290,10 +297,10 @@ def oracle_solve(images, masks=None, sigmas=None, degree=0, center=None,
     degree = _degree_tuple(degree, len(shape))
     M = len(exponents(degree))
     A, r, _ = difference_system(images, masks, sigmas, degree, center,
-                                image2world, center_cs)
+                                image2world, center_cs, terms)
     groups = overlap_groups(images, masks, sigmas)
     coords, _, _ = oracle_coords(shape, center, image2world, center_cs)
-    X = design_matrix(coords, degree)
+    X = design_matrix(coords, degree, terms)
     scale = np.max(np.abs(X), axis=0)
     scale[scale == 0] = 1.0
     D = np.tile(1.0 / scale, N)
@@ -334,7 +341,7 @@ def group_sums(coef, groups):
 
 
 def estimator_covariance(images, masks, sigmas, degree, center=None,
-                         image2world=None, center_cs="image"):
+                         image2world=None, center_cs="image", terms="tensor"):
     """Exact covariance of the zero-sum estimator under independent
     Gaussian pixel noise of standard deviation ``sigmas[n]`` per image.
 
@@ -350,7 +357,7 @@ def estimator_covariance(images, masks, sigmas, degree, center=None,
     degree = _degree_tuple(degree, len(shape))
     M = len(exponents(degree))
     A, r, index = difference_system(images, masks, sigmas, degree, center,
-                                    image2world, center_cs)
+                                    image2world, center_cs, terms)
     groups = overlap_groups(images, masks, sigmas)
     C = _constraint_rows(groups, N, M)
     cscale = np.max(np.abs(A))

@@ -13,7 +13,8 @@ from jwst_wiimatch.step import WiiMatchStep, typed_degree
 
 
 def _case(kind, seed, n=4, shape=(96, 96), sigma=1.0, amp=3.0):
-    """``n`` overlapping noisy images with backgrounds of total degree ``kind``."""
+    """``n`` overlapping noisy images with backgrounds of total degree ``kind``
+    (``'bilinear'``: planes plus an ``x*y`` term, tensor degree 1)."""
     rng = np.random.default_rng(seed)
     ny, nx = shape
     yy, xx = np.mgrid[0:ny, 0:nx]
@@ -23,9 +24,14 @@ def _case(kind, seed, n=4, shape=(96, 96), sigma=1.0, amp=3.0):
     for _ in range(n):
         c = rng.normal(0, amp, 8)
         b = np.full(shape, c[0])
-        if kind >= 1:
+        if kind == "bilinear":
+            b = b + c[1] * x + c[2] * y + c[5] * x * y
+            kind_ = 1
+        else:
+            kind_ = kind
+        if kind_ >= 1 and kind != "bilinear":
             b = b + c[1] * x + c[2] * y
-        if kind >= 2:
+        if kind_ >= 2:
             b = b + c[3] * x * x + c[4] * y * y + c[5] * x * y
         oy, ox = rng.integers(0, ny // 3), rng.integers(0, nx // 3)
         m = np.zeros(shape, bool)
@@ -47,26 +53,47 @@ def _true_error(res, masks, bgs):
     return float(np.sqrt(np.mean([np.mean(ei[m] ** 2) for ei, m in zip(e, masks)])))
 
 
-@pytest.mark.parametrize("kind", [0, 1, 2])
+EXPECTED = {0: (0, "tensor", "0"), 1: (1, "total", "1 (total)"),
+            2: (2, "total", "2 (total)"), "bilinear": (1, "tensor", "1")}
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2, "bilinear"])
 @pytest.mark.parametrize("seed", [1, 2])
 def test_auto_picks_true_degree(kind, seed, caplog):
+    # constants, true planes, quadratics (total degree 2) and planes with an
+    # x*y term each get their own polynomial, not one with more terms
+    degree, terms, label = EXPECTED[kind]
     imgs, masks, sigmas, _ = _case(kind, seed)
     with caplog.at_level(logging.INFO, logger="jwst_wiimatch.core.degree"):
         res = match_backgrounds(imgs, masks, sigmas, degree="auto")
-    assert res.degree == (kind, kind)
+    assert res.degree == (degree, degree) and res.terms == terms
     info = res.degree_scores
-    assert info["chosen"] == kind and info["candidates"][:3] == [0, 1, 2]
+    assert (info["chosen"], info["chosen_terms"]) == (degree, terms)
+    # fewest terms first: 1, 3, 4, 6, 9, 10, 16 in 2-D
+    assert info["labels"] == ["0", "1 (total)", "1", "2 (total)", "2", "3 (total)", "3"]
     assert len(info["score"]) == len(info["candidates"]) == len(info["stderr"])
-    # held-out residual of the right degree ~ noise (normalised chi-square ~ 1)
-    assert info["score"][kind] == pytest.approx(1.0, abs=0.1)
-    assert "chose %d" % kind in caplog.text
+    # held-out residual of the right polynomial ~ noise (normalised chi-square ~ 1)
+    assert info["score"][info["labels"].index(label)] == pytest.approx(1.0, abs=0.1)
+    assert f"chose {label} (best" in caplog.text
+
+
+def test_auto_restricted_to_one_kind_of_terms():
+    imgs, masks, sigmas, _ = _case(1, 3)
+    res = match_backgrounds(imgs, masks, sigmas, degree="auto", terms="tensor")
+    assert (res.degree, res.terms) == ((1, 1), "tensor")
+    assert res.degree_scores["labels"] == ["0", "1", "2", "3"]
+    imgs, masks, sigmas, _ = _case("bilinear", 3)
+    res = match_backgrounds(imgs, masks, sigmas, degree="auto", terms="total")
+    assert res.degree_scores["labels"] == ["0", "1 (total)", "2 (total)", "3 (total)"]
+    assert (res.degree, res.terms) == ((2, 2), "total")  # x*y needs total degree 2
 
 
 def test_auto_true_error_within_1p2_of_best_fixed():
     # constants, planes and quadratics, strong and moderate (terms of 1 and 3
     # noise sigmas); at terms of ~0.1 sigma the choice is a coin toss that CV
     # cannot resolve (docs/algorithm.rst, "Choosing the degree")
-    cases = [(k, s, amp) for k in (0, 1, 2) for s in (3, 4, 5) for amp in (1.0, 3.0)]
+    cases = [(k, s, amp) for k in (0, 1, 2, "bilinear") for s in (3, 4, 5)
+             for amp in (1.0, 3.0)]
     for kind, seed, amp in cases:
         imgs, masks, sigmas, bgs = _case(kind, seed, amp=amp)
         fixed = [_true_error(match_backgrounds(imgs, masks, sigmas, degree=d), masks, bgs)
@@ -86,7 +113,7 @@ def test_fitted_rms_cannot_choose():
 
 def test_cutouts_and_fixed_degree_unchanged():
     imgs, masks, sigmas, _ = _case(1, 10)
-    res = match_backgrounds(imgs, masks, sigmas, degree=1)
+    res = match_backgrounds(imgs, masks, sigmas, degree=1, terms="total")
     assert res.degree_scores is None
     auto = match_backgrounds(imgs, masks, sigmas, degree="auto")
     np.testing.assert_array_equal(auto.coef, res.coef)
@@ -130,11 +157,12 @@ def test_choose_degree_direct():
     from jwst_wiimatch.core.engine import build_moments
     from jwst_wiimatch.core.solve import solve_system
 
-    deg, info = choose_degree(
+    deg, terms, info = choose_degree(
         imgs, masks, sigmas,
         moments_fn=lambda fm, d: build_moments(imgs, fm, sigmas, d)[2],
-        solve_fn=lambda a, b, n, d: solve_system(a, b, n, degree=d, quiet=True)[0])
-    assert deg == (1, 1) and info["best"] in (1, 2, 3)
+        solve_fn=lambda a, b, n, d, mask: solve_system(a, b, n, degree=d, quiet=True,
+                                                       terms=mask)[0])
+    assert (deg, terms) == ((1, 1), "total") and info["best"] in (1, 2, 3)
 
 
 def test_auto_with_robust_matching_and_junk():
@@ -144,5 +172,5 @@ def test_auto_with_robust_matching_and_junk():
     hit = rng.random(imgs[0].shape) < 0.01
     imgs[0] = imgs[0] + hit * rng.uniform(20, 500, imgs[0].shape)
     res = match_backgrounds(imgs, masks, sigmas, degree="auto", robust="clip")
-    assert res.degree == (1, 1)
+    assert (res.degree, res.terms) == ((1, 1), "total")
     assert res.degree_scores["score"][1] == pytest.approx(1.0, abs=0.15)

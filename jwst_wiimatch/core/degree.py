@@ -20,14 +20,18 @@ import warnings
 import numpy as np
 
 from .inputs import check_inputs
+from .poly import term_mask
 from .solve import assemble, gram_index
 
-__all__ = ["DEGREE_CANDIDATES", "choose_degree", "is_auto"]
+__all__ = ["DEGREE_CANDIDATES", "candidate_polynomials", "choose_degree", "is_auto"]
 
 log = logging.getLogger(__name__)
 
 #: candidate degrees (the same on every axis); 3 only with enough pixels
 DEGREE_CANDIDATES = (0, 1, 2, 3)
+#: kinds of polynomials tried at each degree when none is asked for: the
+#: total-degree set (a plane at degree 1) and the tensor set
+TERM_KINDS = ("total", "tensor")
 #: overlap pixels needed per unknown (images x terms) for a candidate to be tried
 MIN_PIXELS_PER_UNKNOWN = 20
 NFOLDS = 5
@@ -50,28 +54,61 @@ def _fold_labels(shape, block, nfolds, seed=0):
     return blocks[idx]
 
 
+def candidate_polynomials(ndim, degrees=DEGREE_CANDIDATES, terms=None):
+    """The ``(degree, terms, mask)`` candidates, fewest terms first.
+
+    ``terms``: ``'tensor'`` or ``'total'`` to try only that kind; None: both
+    (a set that both kinds give, such as degree 0, once, as ``'tensor'``).
+    """
+    kinds = TERM_KINDS if terms is None else (terms,)
+    out, seen = [], set()
+    for d in degrees:
+        for kind in kinds:
+            mask = term_mask((d,) * ndim, kind)
+            key = (d, None if mask is None else tuple(mask))
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append((d, kind if mask is not None else "tensor", mask))
+    nterms = [(d + 1) ** ndim if m is None else int(m.sum()) for d, _, m in out]
+    order = sorted(range(len(out)), key=lambda k: (nterms[k], out[k][0]))
+    return [out[k] for k in order]
+
+
+def candidate_name(degree, terms):
+    """Label of a candidate, e.g. ``'1'`` (tensor) or ``'1 (total)'``."""
+    return f"{degree}" if terms == "tensor" else f"{degree} ({terms})"
+
+
 def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
                   candidates=DEGREE_CANDIDATES, moments_fn=None, solve_fn=None,
-                  origins=None, grid_shape=None):
+                  origins=None, grid_shape=None, terms=None):
     """Pick a degree by k-fold cross-validation of the held-out pair residuals.
 
     ``moments_fn(masks, degree)`` returns the :class:`PairMoments` of the
     problem with the given masks (so that robust matching, absurd-value cuts
-    and cutouts work as in the fit itself); ``solve_fn(a, b, n, degree)`` solves the
-    normal equations (zero-sum convention; the held-out residuals do not
-    depend on the convention).
+    and cutouts work as in the fit itself); ``solve_fn(a, b, n, degree,
+    mask)`` solves the normal equations for the terms of ``mask`` (None: all;
+    zero-sum convention; the held-out residuals do not depend on the
+    convention). Each degree of ``candidates`` is tried with the kinds of
+    terms ``terms`` (None: ``'total'`` and ``'tensor'``), fewest terms first.
 
     Returns
     -------
     degree : tuple of int
-        The smallest candidate whose per-fold score differences from the
-        best candidate average within one standard error (of those
+        The candidate with the fewest terms whose per-fold score differences
+        from the best candidate average within one standard error (of those
         differences) of zero.
+    terms : str
+        Its kind of terms, ``'tensor'`` or ``'total'``.
     scores : dict
-        ``{'candidates', 'score', 'stderr', 'paired_stderr', 'fold_scores',
-        'nfolds', 'block', 'best', 'chosen'}``; ``score`` is the held-out weighted
-        squared pair residual per pixel (a normalised chi-square, 1.0 =
-        noise, when the sigmas are right); NaN for a candidate not tried.
+        ``{'candidates', 'terms', 'labels', 'score', 'stderr',
+        'paired_stderr', 'fold_scores', 'nfolds', 'block', 'best',
+        'best_terms', 'chosen', 'chosen_terms'}``; ``candidates`` holds
+        the degrees and ``terms`` their kinds, in the order tried; ``score``
+        is the held-out weighted squared pair residual per pixel (a
+        normalised chi-square, 1.0 = noise, when the sigmas are right); NaN
+        for a candidate not tried.
     """
     ndim = np.ndim(images[0])
     prob = check_inputs(images, masks, sigmas, 0, origins=origins, grid_shape=grid_shape)
@@ -81,6 +118,7 @@ def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
     labels = _fold_labels(shape, block, nfolds)
     n = len(prob.images)
     dmax = max(candidates)
+    cands = candidate_polynomials(ndim, candidates, terms)
 
     def fold_masks(k):  # built one fold at a time: memory of one set of masks
         fm = []
@@ -100,9 +138,9 @@ def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
     totT = {key: sum(f.T[key] for f in folds if key in f.T) for key in keys}
     npix = sum(sum(f.npix.values()) for f in folds)
     scores, errs, fold_scores = [], [], []
-    for d in candidates:
+    for d, _, mask in cands:
         deg = (d,) * ndim
-        nterms = (d + 1) ** ndim
+        nterms = (d + 1) ** ndim if mask is None else int(mask.sum())
         if npix < MIN_PIXELS_PER_UNKNOWN * n * nterms or not keys:
             scores.append(np.nan)
             errs.append(np.nan)
@@ -116,7 +154,7 @@ def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
             S = {key: totS[key][ms] - (f.S[key][ms] if key in f.S else 0) for key in keys}
             T = {key: totT[key][ts] - (f.T[key][ts] if key in f.T else 0) for key in keys}
             a, b = assemble(n, deg, S, T)
-            coef = np.asarray(solve_fn(a, b, n, deg)).reshape(n, nterms)
+            coef = np.asarray(solve_fn(a, b, n, deg, mask)).reshape(n, -1)
             ssr, pix = 0.0, 0
             for key, s in f.S.items():
                 l, m = key
@@ -134,13 +172,13 @@ def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
         errs.append(float(np.std(np.asarray(per_fold)[ok], ddof=1) / np.sqrt(ok.sum()))
                     if ok.sum() > 1 else 0.0)
     sc = np.array(scores, dtype=float)
-    paired = [np.nan] * len(candidates)
+    paired = [np.nan] * len(cands)
     if not np.isfinite(sc).any():
-        chosen = best = min(candidates)
+        chosen = best = 0
     else:
         ib = int(np.nanargmin(sc))
-        best = chosen = candidates[ib]
-        for j, c in enumerate(candidates):
+        best = chosen = ib
+        for j in range(len(cands)):
             if not np.isfinite(sc[j]):
                 continue
             # per-fold differences from the best: the folds' own scatter
@@ -150,15 +188,19 @@ def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
             se = float(np.std(diff, ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
             paired[j] = se
             if chosen == best and j < ib and diff.size and diff.mean() <= se:
-                chosen = c
-    info = {"candidates": list(candidates), "score": [float(s) for s in sc],
+                chosen = j
+    labels = [candidate_name(d, k) for d, k, _ in cands]
+    info = {"candidates": [d for d, _, _ in cands], "terms": [k for _, k, _ in cands],
+            "labels": labels, "score": [float(s) for s in sc],
             "stderr": [float(e) for e in errs],
             "paired_stderr": [float(e) for e in paired],
             "fold_scores": [[float(v) for v in f] for f in fold_scores],
-            "nfolds": nfolds, "block": block, "best": best, "chosen": chosen}
+            "nfolds": nfolds, "block": block,
+            "best": cands[best][0], "best_terms": cands[best][1],
+            "chosen": cands[chosen][0], "chosen_terms": cands[chosen][1]}
     log.info("degree='auto': held-out pair residual per pixel %s (paired standard error "
-             "against the best: %s) for degrees %s; chose %d (best %d; the smallest "
+             "against the best: %s) for degrees %s; chose %s (best %s; the fewest terms "
              "within one standard error)",
              [round(s, 6) for s in info["score"]], [round(e, 6) for e in info["paired_stderr"]],
-             list(candidates), chosen, best)
-    return (chosen,) * ndim, info
+             labels, labels[chosen], labels[best])
+    return (cands[chosen][0],) * ndim, cands[chosen][1], info

@@ -17,7 +17,7 @@ from .inputs import (check_center, check_inputs, check_solver, common_sigma_scal
 from .degree import choose_degree, is_auto
 from .diagnostics import fit_diagnostics
 from .levels import check_level_args, image_means, level_shifts, pick_extreme
-from .poly import basis_loss, coef_from_scaled, moments_to_basis
+from .poly import basis_loss, check_terms, coef_from_scaled, moments_to_basis, term_mask
 from .robust import check_robust, robust_moments
 from .uncertainty import coefficient_covariance, noise_covariance_b
 from .solve import MatchWarning, _components, assemble, gram_index, pinv_tol, solve_system
@@ -48,6 +48,10 @@ class MatchResult:
         coordinates ``X = C - eff_center``.
     degree : tuple of int
         Degree per coordinate, ``(x, y, ...)`` order.
+    terms : {'tensor', 'total'}
+        Which terms the polynomials have: ``'tensor'`` (all of
+        ``coef[n].reshape(D_x + 1, ...)``) or ``'total'`` (those of total
+        degree up to ``max(degree)``; the others are 0).
     eff_center : tuple of float
         Origin of the polynomial coordinates.
     coord_system : {'image', 'world'}
@@ -144,6 +148,7 @@ class MatchResult:
     robust: dict = None
     covariance: np.ndarray = None
     degree_scores: dict = None
+    terms: str = "tensor"
 
     def equations(self):
         """The normal equations ``(a, b)`` in the documented (unscaled) basis."""
@@ -190,12 +195,13 @@ def _residuals(mom, coef_u, degree):
 
 def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
                   center_cs="image", threads=None, origins=None, grid_shape=None,
-                  client=None, robust=None, max_abs=None, solver="RLU"):
+                  client=None, robust=None, max_abs=None, solver="RLU", terms=None):
     """Check the inputs and accumulate the pair moments.
 
     With ``robust`` (a :class:`~jwst_wiimatch.core.robust.RobustOptions`) the
     moments are those of the last reweighted pass (see :mod:`.robust`);
     ``max_abs`` (without ``robust``) leaves out values beyond +-max_abs.
+    ``terms`` (``'tensor'`` or ``'total'``) sets ``prob.terms``.
 
     Returns
     -------
@@ -205,6 +211,7 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
     """
     prob = check_inputs(images, masks, sigmas, degree, origins=origins,
                         grid_shape=grid_shape)
+    prob.terms = term_mask(prob.degree, terms)
     center = check_center(center, len(prob.shape))
     frame = make_frame(prob.shape, center, image2world, center_cs)
     log.debug("accumulating %d images of shape %s, degree %s",
@@ -221,7 +228,7 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
         def solve(S, T):
             a, b = assemble(n, prob.degree, S, T)
             return solve_system(a, b, n, method=solver, tol=tol, degree=prob.degree,
-                                quiet=True)[0]
+                                quiet=True, terms=prob.terms)[0]
 
         mom, info = robust_moments(
             prob, frame, robust,
@@ -275,7 +282,7 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
                       image2world=None, center_cs="image", solver="RLU", threads=None,
                       origins=None, grid_shape=None, client=None, level="zero_sum",
                       reference=None, levels=None, robust=None, nsigma=4.0, grow=1,
-                      nclip=3, max_abs=None, covariance=False):
+                      nclip=3, max_abs=None, covariance=False, terms=None):
     """Match the backgrounds of images on one grid; full result with diagnostics.
 
     Takes the arguments of :func:`jwst_wiimatch.match.match_lsq` (without
@@ -352,6 +359,16 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
     covariance : bool
         Also compute :attr:`MatchResult.covariance` (one more pass over the
         pixels; default False: no cost, same results).
+    terms : {None, 'tensor', 'total'}
+        Which products of coordinate powers the polynomials have:
+        ``'tensor'`` (wiimatch's): every ``x**i y**j ...`` with each
+        exponent up to its axis' degree; ``'total'``: only those whose
+        exponents sum to at most ``max(degree)`` (degree 1: the plane
+        ``1, x, y``; degree 2: ``1, x, y, x**2, x*y, y**2``). The
+        coefficient arrays keep the tensor shape, with zeros for the
+        absent terms. None: ``'tensor'``, except with ``degree='auto'``,
+        which then tries both kinds (see ``docs/algorithm.rst``, "Choosing
+        the degree").
 
     Examples
     --------
@@ -377,21 +394,24 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         raise ValueError(f"max_abs={max_abs!r} must be > 0 (or None).")
     degree_scores = None
     if is_auto(degree):  # cross-validated choice, see .degree
-        degree, degree_scores = _auto_degree(
+        degree, terms, degree_scores = _auto_degree(
             images, masks, sigmas, method, dict(
                 center=center, image2world=image2world, center_cs=center_cs,
                 threads=threads, origins=origins, grid_shape=grid_shape, client=client,
-                robust=ropts, max_abs=max_abs, solver=method))
+                robust=ropts, max_abs=max_abs, solver=method),
+            None if terms is None else check_terms(terms))
+    terms = check_terms(terms)
     prob, frame, mom = build_moments(images, masks, sigmas, degree, center=center,
                                      image2world=image2world, center_cs=center_cs,
                                      threads=threads, origins=origins,
                                      grid_shape=grid_shape, client=client, robust=ropts,
-                                     max_abs=max_abs, solver=method)
+                                     max_abs=max_abs, solver=method, terms=terms)
     n = len(prob.images)
     level, refs, lev = check_level_args(level, reference, levels, n)
     a_u, b_u = assemble(n, prob.degree, mom.S, mom.T)
     tol = pinv_tol(prob.images[0].dtype) if method == "PINV" else None
-    solve = dict(method=method, tol=tol, degree=prob.degree, reasons=prob.unusable)
+    solve = dict(method=method, tol=tol, degree=prob.degree, reasons=prob.unusable,
+                 terms=prob.terms)
     if level == "zero_sum" and refs is None:  # wiimatch's normalisation
         coef_u, info = solve_system(a_u, b_u, n, **solve)
         conventions = [{"convention": "zero_sum" if len(c) > 1 else "isolated",
@@ -429,21 +449,22 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
         isolated=info.isolated, undetermined=info.undetermined, frame=frame, moments=mom,
         basis_loss=loss, conventions=conventions, mean_background=means, covariance=cov,
         condition=list(info.condition), diagnostics=diag, degree_scores=degree_scores,
-        **_rejections(mom, n))
+        terms=terms if prob.terms is not None else "tensor", **_rejections(mom, n))
 
 
-def _auto_degree(images, masks, sigmas, method, kw):
-    """``degree='auto'``: the degree chosen by :func:`.degree.choose_degree`."""
+def _auto_degree(images, masks, sigmas, method, kw, terms=None):
+    """``degree='auto'``: ``(degree, terms, scores)`` chosen by :func:`.degree.choose_degree`."""
     tol = pinv_tol(np.asarray(images[0]).dtype) if method == "PINV" else None
 
     def moments_fn(fold_masks, deg):
         return build_moments(images, fold_masks, sigmas, deg, **kw)[2]
 
-    def solve_fn(a, b, n, deg):
-        return solve_system(a, b, n, method=method, tol=tol, degree=deg, quiet=True)[0]
+    def solve_fn(a, b, n, deg, mask=None):
+        return solve_system(a, b, n, method=method, tol=tol, degree=deg, quiet=True,
+                            terms=mask)[0]
 
     return choose_degree(images, masks, sigmas, moments_fn=moments_fn, solve_fn=solve_fn,
-                         origins=kw["origins"], grid_shape=kw["grid_shape"])
+                         origins=kw["origins"], grid_shape=kw["grid_shape"], terms=terms)
 
 
 def _covariance(prob, frame, a_u, info, conventions, lev, robust=False):
@@ -461,7 +482,8 @@ def _covariance(prob, frame, a_u, info, conventions, lev, robust=False):
         a_u = a_plain
     return coefficient_covariance(cov_b, a_u, len(prob.images),
                                   info.components, prob.degree, frame, fixed=fixed,
-                                  level_groups=lgroups, sigma_scale=prob.sigma_scale)
+                                  level_groups=lgroups, sigma_scale=prob.sigma_scale,
+                                  terms=prob.terms)
 
 
 def _rejections(mom, n):

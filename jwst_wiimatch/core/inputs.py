@@ -50,6 +50,9 @@ class Problem:
     #: per image: ``(lo, hi)`` outside which a value is left out as absurd (e.g. an
     #: unflagged fill value), or None; None: no cut (the reference behaviour)
     limits: list = None
+    #: boolean mask of the terms the polynomials have (:func:`.poly.term_mask`);
+    #: None: every term of the tensor set of ``degree``
+    terms: object = None
 
 
 def _as_real_array(x, what):

@@ -25,8 +25,11 @@ from math import comb
 import numpy as np
 
 __all__ = [
+    "TERMS",
+    "check_terms",
     "exponents",
     "polyval_nd",
+    "term_mask",
     "term_name",
     "coef_from_scaled",
     "moments_to_basis",
@@ -51,6 +54,52 @@ def exponents(degree):
     """
     shape = tuple(int(d) + 1 for d in degree)
     return np.array(list(np.ndindex(*shape)), dtype=int).reshape(-1, len(shape))
+
+
+#: kinds of term sets: ``'tensor'`` (every ``p`` with ``p_j <= D_j``, wiimatch's)
+#: and ``'total'`` (those with, in addition, ``sum(p) <= max(D)``: a true plane
+#: ``1, x, y`` at degree 1)
+TERMS = ("tensor", "total")
+
+
+def check_terms(terms):
+    """Return ``terms`` as ``'tensor'`` or ``'total'`` (None: ``'tensor'``); ValueError otherwise."""
+    if terms is None:
+        return "tensor"
+    if isinstance(terms, str) and terms.strip().lower() in TERMS:
+        return terms.strip().lower()
+    raise ValueError(
+        f"terms={terms!r} is not one of {', '.join(repr(t) for t in TERMS)}: 'tensor' "
+        "(every product x**i y**j with i, j up to the degree of their axis, wiimatch's "
+        "polynomials) or 'total' (only those of total degree i + j up to the degree: "
+        "degree=1 is the plane 1, x, y).")
+
+
+def term_mask(degree, terms="tensor"):
+    """Which terms of the tensor set of ``degree`` a polynomial of kind ``terms`` has.
+
+    Coefficient arrays always have the tensor shape ``(D_x + 1, D_y + 1,
+    ...)``; with ``terms='total'`` the terms of total degree above
+    ``max(degree)`` are absent (their coefficients are 0).
+
+    Returns
+    -------
+    numpy.ndarray or None
+        Boolean array of length ``M`` (flat term order), or None when every
+        term is present (``'tensor'``, or a set where both kinds agree).
+
+    Examples
+    --------
+    >>> term_mask((1, 1), "total")  # 1, y, x, x*y: the plane leaves x*y out
+    array([ True,  True,  True, False])
+    >>> term_mask((1, 0), "total") is None
+    True
+    """
+    if check_terms(terms) == "tensor":
+        return None
+    e = exponents(degree)
+    keep = e.sum(axis=1) <= max((int(d) for d in degree), default=0)
+    return None if keep.all() else keep
 
 
 def term_name(p):

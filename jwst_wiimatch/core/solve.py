@@ -253,7 +253,7 @@ def _zero_free_terms(sub, null, d, priority, free=None):
 
 
 def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=None,
-                 reasons=None, fixed=None, quiet=False, group_note=None):
+                 reasons=None, fixed=None, quiet=False, group_note=None, terms=None):
     """Solve the normal equations group by group (see the module docstring).
 
     Parameters
@@ -283,6 +283,10 @@ def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=N
     group_note : str, None
         How each group's common polynomial was chosen, as said in the
         warning about groups that do not overlap (default: the zero sum).
+    terms : numpy.ndarray, None
+        Boolean mask (length ``M``) of the terms the polynomials have (see
+        :func:`.poly.term_mask`): the unknowns of the other terms are dropped
+        from the normal equations and their coefficients are 0. None: all.
 
     Returns
     -------
@@ -307,13 +311,18 @@ def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=N
     info = SolveInfo()
     info.components = _components(a, n, nterms) if n > 1 else [[0]]
     if degree is not None and int(np.prod([d + 1 for d in degree])) == nterms:
-        terms = [tuple(int(v) for v in p) for p in exponents(degree)]
-        priority = np.array([sum(p) for p in terms])
+        names = [tuple(int(v) for v in p) for p in exponents(degree)]
+        priority = np.array([sum(p) for p in names])
     else:
         # without the degree, the flat index: the last term is the highest
-        terms = list(range(nterms))
+        names = list(range(nterms))
         priority = np.arange(nterms)
 
+    act = np.arange(nterms) if terms is None else np.flatnonzero(np.asarray(terms, bool))
+    if terms is not None and np.asarray(terms).shape != (nterms,):
+        raise ValueError(f"'terms' must be a mask of {nterms} terms; got shape "
+                         f"{np.asarray(terms).shape}.")
+    nact = act.size
     fixed = set() if fixed is None else {int(i) for i in fixed}
     for comp in info.components:
         info.condition.append(float("nan"))
@@ -323,22 +332,21 @@ def solve_system(a, b, nimages, method="RLU", tol=None, image_ids=None, degree=N
         held = [j for j, i in enumerate(comp) if i in fixed]
         free = [j for j in range(len(comp)) if j not in held] if held else None
         reduced = comp[1:] if free is None else [comp[j] for j in free]
-        sub = np.zeros((len(comp), nterms))
+        sub = np.zeros((len(comp), nact))
         if not reduced:  # every image of the group is held at zero
-            coef[comp] = sub
             continue
-        rows = np.concatenate([np.arange(i * nterms, (i + 1) * nterms) for i in reduced])
+        rows = np.concatenate([i * nterms + act for i in reduced])
         x, null, d, info.condition[-1] = _solve_reduced(a[np.ix_(rows, rows)], b[rows],
                                                         method, tol)
         if free is None:
-            sub[1:] = x.reshape(len(comp) - 1, nterms)
+            sub[1:] = x.reshape(len(comp) - 1, nact)
             sub -= sub.mean(axis=0)
         else:
-            sub[free] = x.reshape(len(free), nterms)
+            sub[free] = x.reshape(len(free), nact)
         if null is not None:
-            sub, zeroed = _zero_free_terms(sub, null, d, priority, free=free)
-            info.undetermined.extend((comp[i], terms[t]) for i, t in zeroed)
-        coef[comp] = sub
+            sub, zeroed = _zero_free_terms(sub, null, d, priority[act], free=free)
+            info.undetermined.extend((comp[i], names[act[t]]) for i, t in zeroed)
+        coef[np.ix_(comp, act)] = sub
 
     info.undetermined.sort()
     if not quiet:

@@ -125,15 +125,19 @@ def noise_covariance_b(prob, frame, stride=None):
             f * amat.transpose(0, 2, 1, 3).reshape(n * nt, n * nt))
 
 
-def solution_map(a, n, components, fixed=None, held_first=True, tol=None):
+def solution_map(a, n, components, fixed=None, held_first=True, tol=None, terms=None):
     """Linear map ``L`` with ``coef_u.ravel() = L b`` as :func:`.solve.solve_system` solves.
 
     Per group of two or more images: without held images, the first image's
     unknowns are dropped, the reduced system inverted (pseudo-inverse) and the
     coefficients shifted to a zero sum over the group; with held images,
     their unknowns are dropped (they stay 0). Isolated images get 0.
+    ``terms`` (boolean mask of the terms present, None: all): the unknowns
+    of absent terms are dropped too (their coefficients are 0).
     """
     nt = a.shape[0] // n
+    act = np.arange(nt) if terms is None else np.flatnonzero(np.asarray(terms, bool))
+    na = act.size
     fixed = set() if fixed is None else set(fixed)
     big = np.zeros_like(a)
     for comp in components:
@@ -143,13 +147,13 @@ def solution_map(a, n, components, fixed=None, held_first=True, tol=None):
         reduced = [i for i in comp if i not in held] if held else comp[1:]
         if not reduced:
             continue
-        rows = np.concatenate([np.arange(i * nt, (i + 1) * nt) for i in reduced])
+        rows = np.concatenate([i * nt + act for i in reduced])
         inv = np.linalg.pinv(a[np.ix_(rows, rows)], hermitian=True)
         crow = np.concatenate([np.arange(i * nt, (i + 1) * nt) for i in comp])
         sub = np.zeros((len(comp) * nt, a.shape[0]))
         pos = {i: k for k, i in enumerate(comp)}
         for r, i in enumerate(reduced):
-            sub[pos[i] * nt:(pos[i] + 1) * nt][:, rows] = inv[r * nt:(r + 1) * nt]
+            sub[np.ix_(pos[i] * nt + act, rows)] = inv[r * na:(r + 1) * na]
         if not held:  # zero sum: subtract the group mean of every term
             s3 = sub.reshape(len(comp), nt, -1)
             s3 -= s3.mean(axis=0)
@@ -158,7 +162,7 @@ def solution_map(a, n, components, fixed=None, held_first=True, tol=None):
 
 
 def coefficient_covariance(cov_b, a, n, components, degree, frame, fixed=None,
-                           level_groups=None, sigma_scale=1.0):
+                           level_groups=None, sigma_scale=1.0, terms=None):
     """``Cov(coef)`` in the documented basis, shape ``(N M, N M)``.
 
     ``level_groups``: groups whose constants were shifted to given levels (mean
@@ -166,7 +170,7 @@ def coefficient_covariance(cov_b, a, n, components, degree, frame, fixed=None,
     ``(comp, known)``.
     """
     nt = a.shape[0] // n
-    lmap = solution_map(a, n, components, fixed=fixed)
+    lmap = solution_map(a, n, components, fixed=fixed, terms=terms)
     cov = lmap @ cov_b @ lmap.T
     t = coef_from_scaled(np.eye(nt), degree, frame.shift, frame.scale)  # coef_X = coef_u @ t
     big_t = np.kron(np.eye(n), t)

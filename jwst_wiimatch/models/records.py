@@ -265,7 +265,7 @@ def _set_background_flags(model, subtracted_now):
 
 def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
                   npix, rms, rms_before, level, solver,
-                  dqbits, undetermined=(), cal_step=None):
+                  dqbits, undetermined=(), cal_step=None, terms="tensor"):
     """Write one model's result into its metadata (and nothing into its data).
 
     Appends ``{degree, refpoint, coefficients, channel}`` to
@@ -273,8 +273,10 @@ def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
     ``'wiimatch'``, updates ``meta.background.subtracted`` /
     ``meta.background.level`` (see the step documentation for the rules
     shared with skymatch), sets ``meta.cal_step.wiimatch = 'COMPLETE'`` and
-    writes ``meta.wiimatch`` (frame, reference point, pixels used, residual
-    RMS, index of the new entry, indices of entries already subtracted).
+    writes ``meta.wiimatch`` (frame, reference point, degree and ``terms``,
+    pixels used, residual RMS, index of the new entry, indices of entries
+    already subtracted). The coefficients always have the tensor shape: with
+    ``terms='total'`` those of total degree above ``max(degree)`` are 0.
     With ``cal_step`` (e.g. ``'skymatch'``), ``meta.cal_step.<cal_step>``
     is set to ``'COMPLETE'`` as well.
     """
@@ -302,6 +304,7 @@ def record_result(model, *, degree, refpoint, coefficients, subtract, frame,
         "frame": frame,
         "refpoint": [float(v) for v in refpoint],
         "degree": [int(d) for d in degree],
+        "terms": str(terms),
         "polynomial_index": int(index),
         "subtracted": bool(subtract),
         "subtracted_entries": [int(i) for i in subtracted_entries],
