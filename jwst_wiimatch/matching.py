@@ -36,6 +36,7 @@ import contextlib
 import gc
 import itertools
 import logging
+import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -50,10 +51,10 @@ from .core.degree import candidate_name, is_auto
 from .core.inputs import check_degree
 from .core.poly import check_terms
 from .core.poly import coef_from_scaled
-from .core.robust import absurd_mask, source_mask
+from .core.robust import ABSURD_FACTOR, MEDIAN_SAMPLE, absurd_mask, auto_limits, source_mask
 from .models import frame as fr
 from . import report
-from .models import pixels, records
+from .models import boxread, pixels, records
 from .models.library import (borrow_member, member_file, member_label, model_group_id,
                               open_member)
 
@@ -72,19 +73,21 @@ def default_threads():
     return max(1, min(8, n))
 
 
-def _call_on_file(path, function, index, what=None):
+def _call_on_file(path, function, index, what=None, opener=None):
     """``function(model, index)`` on the model read from the file ``path``.
 
-    A file that cannot be read raises `~jwst_wiimatch.models.library.MemberError`
-    naming ``what`` (default: ``'association member <index> (<file>)'``).
+    ``opener(path, what)`` (default `open_member`) opens it, as a context
+    manager. A file that cannot be read raises
+    `~jwst_wiimatch.models.library.MemberError` naming ``what`` (default:
+    ``'association member <index> (<file>)'``).
     """
     what = what or f"association member {index} ({os.path.basename(os.fspath(path))})"
-    with open_member(path, what) as model:
+    with (opener or open_member)(path, what) as model:
         return function(model, index)
 
 
 def map_models(library, function, *, modify, threads=None, progress=None, client=None,
-               read_only=False):
+               read_only=False, opener=None):
     """``[function(model, index) for each model]``, on ``threads`` worker threads.
 
     Each worker borrows its model from ``library`` (an stpipe model library)
@@ -97,6 +100,10 @@ def map_models(library, function, *, modify, threads=None, progress=None, client
     must be visible to its workers). ``read_only=True`` promises that
     ``function`` changes nothing: models kept in files are then read from
     them directly, so that an in-memory library does not keep them.
+    ``opener(path, what)`` (a context manager, default `open_member`) opens
+    the models read from files (with ``read_only`` or on the cluster); e.g.
+    `~jwst_wiimatch.models.boxread.open_boxed`, whose `BoxedMember` then
+    reaches ``function`` in place of a model.
     """
     n = len(library)
     threads = default_threads() if threads is None else max(1, int(threads))
@@ -110,14 +117,15 @@ def map_models(library, function, *, modify, threads=None, progress=None, client
         if n and all(paths):
             log.info("wiimatch: %d models to %s on the dask cluster", n, progress or "process")
             futures = client.map(_call_on_file, paths, [function] * n, range(n), labels,
-                                 pure=False)
+                                 [opener] * n, pure=False)
             return client.gather(futures)
         log.info("wiimatch: models held in memory are processed here, not on the cluster")
 
     def one(index):
         try:
             if read_only and paths[index] is not None:
-                return _call_on_file(paths[index], function, index, labels[index])
+                return _call_on_file(paths[index], function, index, labels[index],
+                                     opener)
             model = borrow_member(library, index)
             try:
                 return function(model, index)
@@ -278,8 +286,13 @@ def _warn_equal_weights(notes):
                 "instead of 1/ERR**2", "; ".join(f"{n} {note}" for n, note in notes))
 
 
-def _reduce_box(data, sigma, mask, level, box, binning, red, equal=False, src=None):
+def _reduce_box(data, sigma, mask, level, box, binning, red, equal=False, src=None,
+                offset=None):
     """Fill ``red`` with the model's cutout over ``box`` (binned when 2-D).
+
+    ``box`` is on the grid; ``offset`` (default: zeros) is the grid index
+    of ``data[0, ...]`` (and of the other arrays), when they are a box of
+    the grid themselves.
 
     ``equal``: a block's value is the plain mean of its valid pixels (its
     sigma propagated from ERR), not the ERR-weighted mean. ERR weights
@@ -290,7 +303,8 @@ def _reduce_box(data, sigma, mask, level, box, binning, red, equal=False, src=No
     ``src`` (a mask of the model's shape, or None): blocks holding a marked
     pixel are left out (with ``binning=1``: the marked pixels).
     """
-    sl = tuple(slice(a, b) for a, b in box)
+    offset = (0,) * len(box) if offset is None else offset
+    sl = tuple(slice(a - o, b - o) for (a, b), o in zip(box, offset))
     d = data[sl]
     if level:
         d = d.astype(np.float64) - level
@@ -342,6 +356,9 @@ def _select_weights(reduced, usable, names):
 # models on one common grid
 # ---------------------------------------------------------------------------
 def _reduce_grid_model(model, index, dqflags, binning, checker, equal=False, sources=None):
+    if isinstance(model, boxread.BoxedMember):
+        return _reduce_grid_boxed(model, index, dqflags, binning, checker, equal=equal,
+                                  sources=sources)
     name = _model_name(model, index)
     checker.check(model, name)
     data, sigma, mask, level, note = _read_pixels(model, dqflags, name)
@@ -353,6 +370,103 @@ def _reduce_grid_model(model, index, dqflags, binning, checker, equal=False, sou
     src = _sources(data, mask, sigma, sources, red)
     if box is not None:
         _reduce_box(data, sigma, mask, level, box, binning, red, equal=equal, src=src)
+    return red
+
+
+#: Margin and alignment (pixels) of the region read around a model's candidate box:
+#: the tiles of source masking (`~jwst_wiimatch.core.robust.source_mask`: 16 x 16
+#: pixel boxes aligned with the array, every 2nd pixel) stay those of the whole
+#: grid, and so does its interpolation between tile centres within the box.
+_BOX_MARGIN = 16
+
+
+def _read_region(cand, shape):
+    """The grid region read around candidate box ``cand``: aligned, one tile beyond."""
+    t = _BOX_MARGIN
+    return tuple((max(0, (a // t - 1) * t), min(n, (-(-b // t) + 1) * t))
+                 for (a, b), n in zip(cand, shape))
+
+
+def _absurd_cut_region(data, mask, sigma, name, offset, shape):
+    """`_absurd_cut` of a region of the grid, giving the whole grid's answer.
+
+    :func:`~jwst_wiimatch.core.robust.absurd_mask` takes its limits from every
+    ``step``-th pixel of the array it is given (``step`` from the array's
+    size); here the step is the whole grid's and the sample keeps the grid's
+    phase, so that the valid values sampled (all within the region) and
+    hence the limits are those of the whole model.
+    """
+    size = int(np.prod(shape))
+    step = max(1, int(math.sqrt(size / (4 * MEDIAN_SAMPLE))))
+    sl = tuple(slice((-o) % step, None, step) for o in offset)
+    y = np.where(mask[sl], data[sl], np.nan).astype(np.float64)
+    var = None if sigma is None else np.square(np.asarray(sigma)[sl], dtype=np.float64)
+    lim = auto_limits([(None, y, np.ones_like(y) if var is None else var)],
+                      sigma is not None, ABSURD_FACTOR)[0]
+    if lim is None:
+        return mask, 0
+    with np.errstate(invalid="ignore"):
+        bad = mask & ~((data >= lim[0]) & (data <= lim[1])) & np.isfinite(data)
+    if not bad.any():
+        return mask, 0
+    count = int(np.count_nonzero(bad))
+    log.warning("wiimatch: %s: %d valid pixel(s) with absurd values (further than 1e10 "
+                "robust sigmas from the model's median, e.g. unflagged fill values) left "
+                "out", name, count)
+    return mask & ~bad, count
+
+
+def _boxed_err(member, region, model):
+    """Sigma within ``region`` (None: no usable ERR) and why not, as `_read_pixels` says."""
+    if not member.has("err"):
+        return None, _ERR_NOTES["missing"]
+    err = member.read("err", region)
+    with np.errstate(invalid="ignore"):
+        # whether the whole ERR holds a positive value: streamed only when
+        # the region holds none
+        positive = bool(np.any(err > 0)) or member.any_positive("err")
+    sigma = pixels.sigma_from_err(err, model, positive=positive)
+    return sigma, None if sigma is not None else _ERR_NOTES["not positive"]
+
+
+def _reduce_grid_boxed(member, index, dqflags, binning, checker, equal=False, sources=None):
+    """`_reduce_grid_model` of a FITS member read by box (identical result).
+
+    One streamed pass finds the box outside which nothing can be valid
+    (`~jwst_wiimatch.models.boxread.BoxedMember.candidate_box`); SCI, ERR,
+    DQ and WHT are read within that box (plus an aligned margin) only, and
+    the same validity rules, absurd-value cut and source masking are
+    applied there.
+    """
+    model = member.model
+    name = _model_name(model, index)
+    checker.check(model, name)
+    # the shapes of ERR, DQ and WHT: checked (and named) as when read whole
+    pixels._get_array(model, "err", name)
+    if dqflags is not None:
+        pixels._get_array(model, "dq", name)
+    pixels.weight_array(model, name)
+    shape = member.shape
+    level = records.pending_level(model)
+    cand = member.candidate_box()
+    region = _read_region(cand, shape) if cand is not None else ((0, 1), (0, 1))
+    offset = tuple(a for a, _ in region)
+    sigma, note = _boxed_err(member, region, model)
+    red = _Reduced(name=name, has_err=sigma is not None, err_note=note,
+                   group_id=model_group_id(model))
+    if cand is None:
+        return red
+    data = member.read("data", region)
+    dq = member.read("dq", region) if dqflags is not None else None
+    mask = pixels.mask_from_arrays(data, sigma, dq, dqflags, member.read("wht", region))
+    del dq
+    mask, red.absurd = _absurd_cut_region(data, mask, sigma, name, offset, shape)
+    red.npix = int(np.count_nonzero(mask))
+    box = valid_box(mask, mask.shape, offset)
+    src = _sources(data, mask, sigma, sources, red)
+    if box is not None:
+        _reduce_box(data, sigma, mask, level, box, binning, red, equal=equal, src=src,
+                    offset=offset)
     return red
 
 
@@ -399,10 +513,11 @@ def parse_degree(degree, ndim):
 @contextlib.contextmanager
 def _first_model(library):
     """The library's first model, read from its file when it has one (so that an
-    in-memory library does not start caching models), else borrowed."""
+    in-memory library does not start caching models), else borrowed. For
+    metadata, WCS and shapes only: a FITS file's pixel arrays are not read."""
     path = member_file(library, 0)
     if path is not None:
-        with open_member(path, member_label(library, 0)) as model:
+        with boxread.open_metadata(path, member_label(library, 0)) as model:
             yield model
         return
     with library:
@@ -501,7 +616,7 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
                                                                   equal=robust is not None,
                                                                   sources=sources),
                          modify=False, threads=threads, progress="read", client=client,
-                         read_only=True)
+                         read_only=True, opener=boxread.open_boxed)
     grid_shape = tuple(-(-n // b) for n in checker.shape) if b > 1 else checker.shape
     groups = _grid_groups(reduced, groups)
     shared = [g for g in groups if len(g) > 1]

@@ -9,7 +9,7 @@ error naming the model and the array, never silently ignored.
 import numpy as np
 
 __all__ = ["DEFAULT_DQBITS", "interpret_dqbits", "weight_array", "model_sigma",
-           "valid_mask", "err_status"]
+           "valid_mask", "err_status", "sigma_from_err", "mask_from_arrays"]
 
 #: Default DQ selection: pixels flagged DO_NOT_USE or NON_SCIENCE are bad.
 DEFAULT_DQBITS = "~DO_NOT_USE+NON_SCIENCE"
@@ -142,13 +142,24 @@ def model_sigma(model, name=None):
     ValueError
         When the ERR array's shape differs from the data's.
     """
-    err = _get_array(model, "err", name)
+    return sigma_from_err(_get_array(model, "err", name), model)
+
+
+def sigma_from_err(err, model, positive=None):
+    """`model_sigma` of an ERR array (the whole array, or a box of it) of ``model``.
+
+    None when ``err`` is None or holds no positive value; ``model`` gives
+    ``meta.ifu.error_type``. ``positive``: whether the model's whole ERR
+    array holds a positive value, when ``err`` is only a box of it (default:
+    tested on ``err``).
+    """
     if err is None:
         return None
     if err.dtype.kind != "f":
         err = err.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        positive = np.any(err > 0)
+    if positive is None:
+        with np.errstate(invalid="ignore"):
+            positive = np.any(err > 0)
     if not positive:
         # an ERR array with no positive value (e.g. a default-filled one)
         # carries no uncertainty information: treat it as absent
@@ -197,22 +208,26 @@ def valid_mask(model, dqflags=None, sigma=None, name=None):
         When an array used (ERR, DQ when ``dqflags`` is given, WHT or
         WEIGHTMAP) does not have the data's shape.
     """
-    from astropy.nddata.bitmask import bitfield_to_boolean_mask
-
-    data = np.asarray(model.data)
-    mask = np.isfinite(data)
     if sigma is None:
         sigma = model_sigma(model, name)
+    dq = _get_array(model, "dq", name) if dqflags is not None else None
+    return mask_from_arrays(model.data, sigma, dq, dqflags, weight_array(model, name))
+
+
+def mask_from_arrays(data, sigma, dq, dqflags, wht):
+    """`valid_mask` from the arrays themselves (whole, or the same box of each).
+
+    ``sigma``, ``dq`` and ``wht`` may be None (not used).
+    """
+    from astropy.nddata.bitmask import bitfield_to_boolean_mask
+
+    data = np.asarray(data)
+    mask = np.isfinite(data)
     if sigma is not None:
         with np.errstate(invalid="ignore"):
             mask &= np.isfinite(sigma) & (sigma > 0)
-    if dqflags is not None:
-        dq = _get_array(model, "dq", name)
-        if dq is not None:
-            mask &= bitfield_to_boolean_mask(
-                dq, dqflags, good_mask_value=True, dtype=bool
-            )
-    wht = weight_array(model, name)
+    if dqflags is not None and dq is not None:
+        mask &= bitfield_to_boolean_mask(dq, dqflags, good_mask_value=True, dtype=bool)
     if wht is not None:
         with np.errstate(invalid="ignore"):
             mask &= wht > 0
