@@ -336,11 +336,25 @@ def _reduce_box(data, sigma, mask, level, box, binning, red, equal=False, src=No
     else:
         red.origin = tuple(a for a, _ in box)
         red.data_eq = np.where(m, d, 0.0) if not m.all() else np.asarray(d)
-        red.sigma_eq = np.where(m, 1.0, 0.0)  # sigma 0: not used
         if s is not None:
             red.data = red.data_eq
             with np.errstate(invalid="ignore"):
                 red.sigma = np.where(m, s, 0.0)
+            # sigma_eq is not kept (8 bytes per pixel of the box): `_eq_sigma`
+            # derives it from sigma, 0 exactly where m is False
+        else:
+            red.sigma_eq = np.where(m, 1.0, 0.0)  # sigma 0: not used
+
+
+def _eq_sigma(red):
+    """The equal-weight sigmas of a reduced model: 1 where it is valid, 0 elsewhere.
+
+    Kept when the model has no ERR; else derived from its sigma (0 where not
+    valid, > 0 where valid) when asked, i.e. only when another model lacks ERR.
+    """
+    if red.sigma_eq is not None or red.sigma is None:
+        return red.sigma_eq
+    return np.where(np.asarray(red.sigma) > 0, 1.0, 0.0)
 
 
 def _select_weights(reduced, usable, names):
@@ -348,7 +362,7 @@ def _select_weights(reduced, usable, names):
     missing = [(names[k], reduced[k].err_note) for k in usable if not reduced[k].has_err]
     if missing:
         _warn_equal_weights(missing)
-        return ([reduced[k].data_eq for k in usable], [reduced[k].sigma_eq for k in usable])
+        return ([reduced[k].data_eq for k in usable], [_eq_sigma(reduced[k]) for k in usable])
     return [reduced[k].data for k in usable], [reduced[k].sigma for k in usable]
 
 
@@ -587,12 +601,15 @@ def _combine_grid_group(members):
     if not placed:
         g.reason = next((r.reason for r in members if r.reason), None)
         return g
+    def sigmas(r, skey):
+        return _eq_sigma(r) if skey == "sigma_eq" else r.sigma
+
     for dkey, skey in (("data_eq", "sigma_eq"), ("data", "sigma")):
-        if any(getattr(r, skey) is None for r in placed):
+        if any(sigmas(r, skey) is None for r in placed):
             continue
         parts = []
         for r in placed:
-            sig = np.asarray(getattr(r, skey), dtype=np.float64)
+            sig = np.asarray(sigmas(r, skey), dtype=np.float64)
             with np.errstate(divide="ignore"):
                 w = np.where(sig > 0, 1.0 / np.square(sig), 0.0)
             parts.append((r.origin, [w, w * np.asarray(getattr(r, dkey), dtype=np.float64)]))

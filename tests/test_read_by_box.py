@@ -237,3 +237,21 @@ def test_reading_pass_allocates_no_whole_grid_array(tmp_path, whole):
     # streaming: CHUNK_ROWS rows at a time (1.1 MB here), never a whole image
     assert box < 0.6 * image_bytes, (box, image_bytes)
     assert full > 2 * image_bytes, (full, image_bytes)
+
+
+def test_binning1_keeps_no_equal_weight_sigmas():
+    """With ERR, a binning=1 cutout keeps data and sigma only (the equal-weight
+    sigmas are derived when another model lacks ERR, with the same values)."""
+    rng = np.random.default_rng(4)
+    data = rng.normal(1.0, 0.1, (30, 40)).astype(np.float32)
+    sigma = np.full(data.shape, 0.1, np.float32)
+    mask = rng.random(data.shape) > 0.3
+    red = matching._Reduced(name="m")
+    matching._reduce_box(data, sigma, mask, 0.0, ((2, 25), (3, 37)), 1, red)
+    assert red.sigma_eq is None and red.sigma is not None
+    np.testing.assert_array_equal(matching._eq_sigma(red),
+                                  np.where(mask[2:25, 3:37], 1.0, 0.0))
+    assert matching._eq_sigma(red).dtype == np.float64
+    bare = matching._Reduced(name="m")
+    matching._reduce_box(data, None, mask, 0.0, ((2, 25), (3, 37)), 1, bare)
+    np.testing.assert_array_equal(bare.sigma_eq, matching._eq_sigma(red))
