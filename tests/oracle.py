@@ -341,7 +341,8 @@ def group_sums(coef, groups):
 
 
 def estimator_covariance(images, masks, sigmas, degree, center=None,
-                         image2world=None, center_cs="image", terms="tensor"):
+                         image2world=None, center_cs="image", terms="tensor",
+                         exclude=None):
     """Exact covariance of the zero-sum estimator under independent
     Gaussian pixel noise of standard deviation ``sigmas[n]`` per image.
 
@@ -349,6 +350,10 @@ def estimator_covariance(images, masks, sigmas, degree, center=None,
     pair differences; r = D n where n is the stacked pixel noise.  So
     ``cov = L D diag(sigma^2) D^T L^T`` (pair differences share pixels, so
     they are correlated: this is not the naive (A^T A)^-1).
+
+    ``exclude``: pairs ``(image, flat term)`` of unknowns held at 0 (their
+    columns of A are zeroed and a row pins each to 0), for the estimator
+    that sets the terms the overlaps do not determine to 0.
     """
     images = [_as_float(im) for im in images]
     shape = images[0].shape
@@ -360,6 +365,10 @@ def estimator_covariance(images, masks, sigmas, degree, center=None,
                                     image2world, center_cs, terms)
     groups = overlap_groups(images, masks, sigmas)
     C = _constraint_rows(groups, N, M)
+    if exclude:
+        cols = [i * M + t for i, t in exclude]
+        A[:, cols] = 0.0
+        C = np.vstack([C, np.eye(N * M)[cols]])
     cscale = np.max(np.abs(A))
     big = np.vstack([A, cscale * C])
     L = np.linalg.pinv(big)[:, :A.shape[0]]

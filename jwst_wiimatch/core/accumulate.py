@@ -61,6 +61,9 @@ class PairMoments:
     image_rejected: np.ndarray = None
     #: what the robust passes did (see :func:`jwst_wiimatch.core.robust.robust_moments`)
     robust: dict = None
+    #: the :class:`~jwst_wiimatch.core.robust.RobustPass` whose rejections and
+    #: weights these sums carry (None: plain sums)
+    robust_pass: object = None
 
     def add_pair(self, key, s, t, chi, npix):
         """Add the sums of one pair over one part of the grid."""

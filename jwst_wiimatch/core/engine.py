@@ -19,7 +19,7 @@ from .diagnostics import fit_diagnostics
 from .levels import check_level_args, image_means, level_shifts, pick_extreme
 from .poly import basis_loss, check_terms, coef_from_scaled, moments_to_basis, term_mask
 from .robust import check_robust, robust_moments
-from .uncertainty import coefficient_covariance, noise_covariance_b
+from .uncertainty import coefficient_covariance, noise_covariance_b, zeroed_terms
 from .solve import MatchWarning, _components, assemble, gram_index, pinv_tol, solve_system
 
 __all__ = ["MatchResult", "match_backgrounds"]
@@ -110,7 +110,9 @@ class MatchResult:
         pixels' sigmas (1 where none were given) by the sandwich estimator,
         which accounts for pixels shared by several pairs; relative to each
         group's level convention (see ``docs/algorithm.rst``,
-        "Uncertainties"). Zero between groups and for isolated images.
+        "Uncertainties"). With robust matching, that of the last
+        reweighted pass's fit (its rejections and weights). Zero between
+        groups, for isolated images and for the ``undetermined`` terms.
     robust : dict, None
         Robust matching: ``method``, ``nsigma``, ``grow``, ``nclip``,
         ``passes`` (reweighted passes done), ``converged``, ``stride`` (of
@@ -432,7 +434,8 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
             conventions[groups[g]]["level_shift"] = k
     cov = None
     if covariance:
-        cov = _covariance(prob, frame, a_u, info, conventions, lev, robust=mom.robust is not None)
+        cov = _covariance(prob, frame, a_u, info, conventions, lev,
+                          robust_pass=mom.robust_pass if mom.robust is not None else None)
     loss = _check_basis_loss(coef_u, coef, prob.degree, frame)
     rms, rms_before, pair_npix = _residuals(mom, coef_u, prob.degree)
     diag = fit_diagnostics(mom, coef_u, prob.degree, info.components, info.condition,
@@ -467,8 +470,14 @@ def _auto_degree(images, masks, sigmas, method, kw, terms=None):
                          origins=kw["origins"], grid_shape=kw["grid_shape"], terms=terms)
 
 
-def _covariance(prob, frame, a_u, info, conventions, lev, robust=False):
-    """:attr:`MatchResult.covariance` (see :mod:`.uncertainty`)."""
+def _covariance(prob, frame, a_u, info, conventions, lev, robust_pass=None):
+    """:attr:`MatchResult.covariance` (see :mod:`.uncertainty`).
+
+    ``a_u``: the normal matrix of the fit (with robust matching, the last
+    pass's: its rejections and weights); ``robust_pass``: that pass (its
+    weights are reproduced in ``Cov(b)``). The terms the solver set to 0
+    (``info.undetermined``) have zero rows and columns.
+    """
     fixed = {i for c in conventions for i in c["reference"]}
     lgroups = None
     if lev is not None:
@@ -477,13 +486,12 @@ def _covariance(prob, frame, a_u, info, conventions, lev, robust=False):
             known = [i for i in c if np.isfinite(lev[i])]
             if len(c) > 1 and known:
                 lgroups.append((c, known))
-    cov_b, a_plain = noise_covariance_b(prob, frame)
-    if robust:  # the plain fit's covariance over the same pixels (see the docs)
-        a_u = a_plain
+    cov_b, _ = noise_covariance_b(prob, frame, robust=robust_pass)
     return coefficient_covariance(cov_b, a_u, len(prob.images),
                                   info.components, prob.degree, frame, fixed=fixed,
                                   level_groups=lgroups, sigma_scale=prob.sigma_scale,
-                                  terms=prob.terms)
+                                  terms=prob.terms,
+                                  zeroed=zeroed_terms(info.undetermined, prob.degree))
 
 
 def _rejections(mom, n):

@@ -555,7 +555,8 @@ def robust_moments(prob, frame, opts, accumulate_pass, solve, threads=1):
     passes, converged, mom = 0, False, None
     loosened = set()  # pairs once matched without rejection (a start that failed them)
     for _ in range(opts.nclip + 1):
-        mom = accumulate_pass(pass_for(opts, coef, scales))
+        rpass = pass_for(opts, coef, scales)
+        mom = accumulate_pass(rpass)
         passes += 1
         # a pass that rejects most of a pair's pixels had polynomials that do
         # not fit it (the start could not pin them down): that pair is summed
@@ -564,8 +565,9 @@ def robust_moments(prob, frame, opts, accumulate_pass, solve, threads=1):
                if r > LOOSE_FRACTION * mom.npix[key] and key not in loosened}
         if bad and passes <= opts.nclip:
             loosened |= bad
-            mom = accumulate_pass(pass_for(opts, coef, {k: v for k, v in scales.items()
-                                                       if k not in bad}))
+            rpass = pass_for(opts, coef, {k: v for k, v in scales.items() if k not in bad})
+            mom = accumulate_pass(rpass)
+        mom.robust_pass = rpass  # the weights of the fit (its covariance needs them)
         new = solve(mom.S, mom.T)
         if opts.method == "clip":
             scales = _kept_scales(mom, new, scales, prob.degree)
