@@ -13,15 +13,27 @@ degree) gives everything: the training sums are the totals minus the fold's,
 moments of a lower degree are the leading parts of those of the highest, and
 the held-out weighted sum of squares of a fit ``c`` is
 ``chi - 2 dc . T + dc^T S dc`` from the held-out fold's own moments.
+
+Held-out blocks lie inside the overlaps, so the scores measure how well a
+candidate interpolates; the parts of each footprint that no other image
+covers are extrapolated, where extra terms swing freely. With the frame of
+the problem at hand, each candidate is therefore judged by an estimate of
+its true error over the footprints: the excess of its held-out score over
+the best (its bias, squared) plus the variance of its fitted polynomials
+averaged over each image's own valid pixels (from the covariance of the
+coefficients, :mod:`.uncertainty`).
 """
+import dataclasses
 import logging
 import warnings
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from .accumulate import _prepare_image, valid_box
 from .inputs import check_inputs
-from .poly import term_mask
-from .solve import assemble, gram_index
+from .poly import exponents, term_mask
+from .solve import _components, assemble, gram_index
 
 __all__ = ["DEGREE_CANDIDATES", "candidate_polynomials", "choose_degree", "is_auto"]
 
@@ -80,9 +92,93 @@ def candidate_name(degree, terms):
     return f"{degree}" if terms == "tensor" else f"{degree} ({terms})"
 
 
+def footprint_moments(prob, frame, stride):
+    """Per image: the mean of ``x x^T`` over its valid pixels (every ``stride``-th).
+
+    ``x`` are the monomials of ``prob.degree`` (tensor set, flat order) of
+    the scaled coordinates of ``frame``. Returns a list of ``(M, M)``
+    arrays (None for an image without a valid pixel).
+    """
+    from .uncertainty import _lattice_u
+
+    exps = exponents(prob.degree)
+    off = stride // 2
+    out = []
+    for l, (img, m, o) in enumerate(zip(prob.images, prob.masks, prob.origins)):
+        box = valid_box(None if m is None else np.asarray(m), np.shape(img), o)
+        if box is None:
+            out.append(None)
+            continue
+        # lattice points (grid pixels off + stride * k) inside the box
+        lo = [-(-(a - off) // stride) for a, _ in box]
+        hi = [-(-(b - off) // stride) for _, b in box]
+        if any(h <= q for q, h in zip(lo, hi)):
+            out.append(None)
+            continue
+        gbox = tuple((off + stride * q, off + stride * (h - 1) + 1) for q, h in zip(lo, hi))
+        var = _prepare_image(prob, l, gbox, step=stride if stride > 1 else None)[1]
+        ok = np.isfinite(var)
+        if not ok.any():
+            out.append(None)
+            continue
+        grids = np.meshgrid(*[off + stride * np.arange(q, h) for q, h in zip(lo, hi)],
+                            indexing="ij")
+        u = _lattice_u(frame, [g[ok] for g in grids])
+        fin = np.logical_and.reduce([np.isfinite(c) for c in u])
+        x = np.ones((len(exps), int(fin.sum())))
+        for k, p in enumerate(exps):
+            for c, e in zip(u, p):
+                if e:
+                    x[k] *= c[fin] ** int(e)
+        out.append(x @ x.T / max(x.shape[1], 1))
+    return out
+
+
+def _footprint_variance(prob, frame, cands, dmax):
+    """Per candidate: the variance of its fitted backgrounds over the footprints.
+
+    Averaged over the images (each over its own valid pixels), in the
+    problem's sigma units. From one lattice pass
+    (:func:`.uncertainty.noise_covariance_b`) at the top degree, whose
+    normal matrix and noise covariance hold those of every candidate.
+    Returns ``(variances, sum_w)``, ``sum_w`` the sum of the pair weights
+    over the overlaps in the same units; None when they cannot be computed
+    (no overlap, non-finite sums).
+    """
+    from .uncertainty import cov_stride, noise_covariance_b, solution_map
+
+    nd = len(prob.shape)
+    prob = dataclasses.replace(prob, degree=(dmax,) * nd)
+    st = cov_stride(frame.shape)
+    cov_b, amat = noise_covariance_b(prob, frame, stride=st)
+    fps = footprint_moments(prob, frame, st)
+    n = len(prob.images)
+    mt = (dmax + 1) ** nd
+    sw = -sum(amat[l * mt, m * mt] for l in range(n) for m in range(l + 1, n))
+    if not (sw > 0) or not np.all(np.isfinite(cov_b)) or not np.all(np.isfinite(amat)):
+        return None
+    out = []
+    for d, _, mask in cands:
+        # the candidate's terms in the top degree's flat order
+        sel = np.array([np.ravel_multi_index(tuple(p), (dmax + 1,) * nd)
+                        for p in exponents((d,) * nd)])
+        if mask is not None:
+            sel = sel[mask]
+        rows = np.concatenate([l * mt + sel for l in range(n)])
+        a = amat[np.ix_(rows, rows)]
+        k = sel.size
+        comps = _components(a, n, k) if n > 1 else [[0]]
+        lmap = solution_map(a, n, comps)
+        cov = lmap @ cov_b[np.ix_(rows, rows)] @ lmap.T
+        var = [float(np.trace(cov[l * k:(l + 1) * k, l * k:(l + 1) * k] @ f[np.ix_(sel, sel)]))
+               for l, f in enumerate(fps) if f is not None]
+        out.append(float(np.mean(var)) if var else np.nan)
+    return np.array(out), sw
+
+
 def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
                   candidates=DEGREE_CANDIDATES, moments_fn=None, solve_fn=None,
-                  origins=None, grid_shape=None, terms=None):
+                  origins=None, grid_shape=None, terms=None, frame_fn=None):
     """Pick a degree by k-fold cross-validation of the held-out pair residuals.
 
     ``moments_fn(masks, degree)`` returns the :class:`PairMoments` of the
@@ -96,15 +192,23 @@ def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
     Returns
     -------
     degree : tuple of int
-        The candidate with the fewest terms whose per-fold score differences
+        With ``frame_fn`` (a function of the grid's shape giving the
+        problem's :class:`.coords.Frame`): the candidate of least estimated
+        true error over the footprints, ``risk = (score - min(score)) +
+        variance`` (the excess held-out score estimates its squared bias;
+        ``variance`` is that of its fitted backgrounds averaged over each
+        image's valid pixels, see :func:`_footprint_variance`; both in units
+        of half the variance of a pair difference). Without it: the
+        candidate with the fewest terms whose per-fold score differences
         from the best candidate average within one standard error (of those
         differences) of zero.
     terms : str
         Its kind of terms, ``'tensor'`` or ``'total'``.
     scores : dict
         ``{'candidates', 'terms', 'labels', 'score', 'stderr',
-        'paired_stderr', 'fold_scores', 'nfolds', 'block', 'best',
-        'best_terms', 'chosen', 'chosen_terms'}``; ``candidates`` holds
+        'paired_stderr', 'variance', 'risk', 'fold_scores', 'nfolds',
+        'block', 'best', 'best_terms', 'chosen', 'chosen_terms'}``
+        (``variance`` and ``risk`` NaN without ``frame_fn``); ``candidates`` holds
         the degrees and ``terms`` their kinds, in the order tried; ``score``
         is the held-out weighted squared pair residual per pixel (a
         normalised chi-square, 1.0 = noise, when the sigmas are right); NaN
@@ -189,18 +293,31 @@ def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
             paired[j] = se
             if chosen == best and j < ib and diff.size and diff.mean() <= se:
                 chosen = j
+    # the estimate of each candidate's true error over the footprints
+    variance = risk = [np.nan] * len(cands)
+    if frame_fn is not None and np.isfinite(sc).any() and npix:
+        with threadpool_limits(limits=1, user_api="blas"):  # small products
+            fv = _footprint_variance(prob, frame_fn(shape), cands, dmax)
+        if fv is not None:
+            half = 0.5 * npix / fv[1]  # half the mean variance of a pair difference
+            variance = fv[0] / half
+            risk = (sc - np.nanmin(sc)) + variance
+            if np.isfinite(risk).any():
+                chosen = int(np.nanargmin(risk))
+    rule = ("the least estimated error over the footprints" if np.isfinite(risk).any()
+            else "the fewest terms within one standard error")
     labels = [candidate_name(d, k) for d, k, _ in cands]
     info = {"candidates": [d for d, _, _ in cands], "terms": [k for _, k, _ in cands],
             "labels": labels, "score": [float(s) for s in sc],
             "stderr": [float(e) for e in errs],
             "paired_stderr": [float(e) for e in paired],
+            "variance": [float(v) for v in variance], "risk": [float(r) for r in risk],
             "fold_scores": [[float(v) for v in f] for f in fold_scores],
             "nfolds": nfolds, "block": block,
             "best": cands[best][0], "best_terms": cands[best][1],
             "chosen": cands[chosen][0], "chosen_terms": cands[chosen][1]}
-    log.info("degree='auto': held-out pair residual per pixel %s (paired standard error "
-             "against the best: %s) for degrees %s; chose %s (best %s; the fewest terms "
-             "within one standard error)",
-             [round(s, 6) for s in info["score"]], [round(e, 6) for e in info["paired_stderr"]],
-             labels, labels[chosen], labels[best])
+    log.info("degree='auto': held-out pair residual per pixel %s, footprint variance %s "
+             "for degrees %s; chose %s (best held-out %s; %s)",
+             [round(s, 6) for s in info["score"]], [round(v, 6) for v in info["variance"]],
+             labels, labels[chosen], labels[best], rule)
     return (cands[chosen][0],) * ndim, cands[chosen][1], info

@@ -466,8 +466,13 @@ def _auto_degree(images, masks, sigmas, method, kw, terms=None):
         return solve_system(a, b, n, method=method, tol=tol, degree=deg, quiet=True,
                             terms=mask)[0]
 
+    def frame_fn(shape):
+        center = check_center(kw["center"], len(shape))
+        return make_frame(shape, center, kw["image2world"], kw["center_cs"])
+
     return choose_degree(images, masks, sigmas, moments_fn=moments_fn, solve_fn=solve_fn,
-                         origins=kw["origins"], grid_shape=kw["grid_shape"], terms=terms)
+                         origins=kw["origins"], grid_shape=kw["grid_shape"], terms=terms,
+                         frame_fn=frame_fn)
 
 
 def _covariance(prob, frame, a_u, info, conventions, lev, robust_pass=None):
