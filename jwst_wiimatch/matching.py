@@ -36,7 +36,6 @@ import contextlib
 import gc
 import itertools
 import logging
-import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +50,7 @@ from .core.degree import candidate_name, is_auto
 from .core.inputs import check_degree
 from .core.poly import check_terms
 from .core.poly import coef_from_scaled
-from .core.robust import ABSURD_FACTOR, MEDIAN_SAMPLE, absurd_mask, auto_limits, source_mask
+from .core.robust import absurd_mask, source_mask
 from .models import frame as fr
 from . import report
 from .models import boxread, pixels, records
@@ -250,13 +249,13 @@ def _read_pixels(model, dqflags, name):
     return np.asarray(model.data), sigma, mask, level, note
 
 
-def _absurd_cut(data, mask, sigma, name):
+def _absurd_cut(data, mask, sigma, name, offset=None, grid_shape=None):
     """The mask without absurd values (e.g. unflagged 1e30 fill values), and their count.
 
     Always applied by the steps (whatever ``robust``): such a value cannot be
     data and would otherwise reach the sums, or a block average.
     """
-    bad = absurd_mask(data, mask, sigma)
+    bad = absurd_mask(data, mask, sigma, offset=offset, grid_shape=grid_shape)
     if bad is None:
         return mask, 0
     count = int(np.count_nonzero(bad))
@@ -401,35 +400,6 @@ def _read_region(cand, shape):
                  for (a, b), n in zip(cand, shape))
 
 
-def _absurd_cut_region(data, mask, sigma, name, offset, shape):
-    """`_absurd_cut` of a region of the grid, giving the whole grid's answer.
-
-    :func:`~jwst_wiimatch.core.robust.absurd_mask` takes its limits from every
-    ``step``-th pixel of the array it is given (``step`` from the array's
-    size); here the step is the whole grid's and the sample keeps the grid's
-    phase, so that the valid values sampled (all within the region) and
-    hence the limits are those of the whole model.
-    """
-    size = int(np.prod(shape))
-    step = max(1, int(math.sqrt(size / (4 * MEDIAN_SAMPLE))))
-    sl = tuple(slice((-o) % step, None, step) for o in offset)
-    y = np.where(mask[sl], data[sl], np.nan).astype(np.float64)
-    var = None if sigma is None else np.square(np.asarray(sigma)[sl], dtype=np.float64)
-    lim = auto_limits([(None, y, np.ones_like(y) if var is None else var)],
-                      sigma is not None, ABSURD_FACTOR)[0]
-    if lim is None:
-        return mask, 0
-    with np.errstate(invalid="ignore"):
-        bad = mask & ~((data >= lim[0]) & (data <= lim[1])) & np.isfinite(data)
-    if not bad.any():
-        return mask, 0
-    count = int(np.count_nonzero(bad))
-    log.warning("wiimatch: %s: %d valid pixel(s) with absurd values (further than 1e10 "
-                "robust sigmas from the model's median, e.g. unflagged fill values) left "
-                "out", name, count)
-    return mask & ~bad, count
-
-
 def _boxed_err(member, region, model):
     """Sigma within ``region`` (None: no usable ERR) and why not, as `_read_pixels` says."""
     if not member.has("err"):
@@ -474,7 +444,7 @@ def _reduce_grid_boxed(member, index, dqflags, binning, checker, equal=False, so
     dq = member.read("dq", region) if dqflags is not None else None
     mask = pixels.mask_from_arrays(data, sigma, dq, dqflags, member.read("wht", region))
     del dq
-    mask, red.absurd = _absurd_cut_region(data, mask, sigma, name, offset, shape)
+    mask, red.absurd = _absurd_cut(data, mask, sigma, name, offset, shape)
     red.npix = int(np.count_nonzero(mask))
     box = valid_box(mask, mask.shape, offset)
     src = _sources(data, mask, sigma, sources, red)

@@ -239,18 +239,26 @@ def auto_limits(samples, has_sigmas, factor=ABSURD_FACTOR):
     return limits
 
 
-def absurd_mask(data, mask, sigma=None, factor=ABSURD_FACTOR):
+def absurd_mask(data, mask, sigma=None, factor=ABSURD_FACTOR, offset=None,
+                grid_shape=None):
     """Valid pixels of one array whose value is absurd, or None when there is none.
 
     Absurd: further than ``factor`` spreads from the median of the valid
     values (the spread as in :func:`auto_limits`, from an evenly strided
     sample), or not finite where the mask says valid. Costs one pass of
     comparisons over the array.
+
+    ``data`` may be a region of a larger array (``grid_shape``) starting at
+    index ``offset`` there, holding all of its valid pixels: the sample then
+    takes the larger array's stride and phase, so that the answer is the
+    same as for the whole array.
     """
     data = np.asarray(data)
     mask = np.asarray(mask, dtype=bool)
-    step = max(1, int(math.sqrt(data.size / (4 * MEDIAN_SAMPLE))))
-    sl = tuple(slice(None, None, step) for _ in range(data.ndim))
+    size = data.size if grid_shape is None else int(np.prod(grid_shape))
+    step = max(1, int(math.sqrt(size / (4 * MEDIAN_SAMPLE))))
+    offset = (0,) * data.ndim if offset is None else offset
+    sl = tuple(slice((-o) % step, None, step) for o in offset)
     y = np.where(mask[sl], data[sl], np.nan).astype(np.float64)
     var = None
     if sigma is not None:
