@@ -319,21 +319,33 @@ def make_exposure(exp, coef, sources, shape=(2048, 2048), seed=0,
 
 
 def _set_meta(m, exp, shape, pixscale):
-    k, p, d = exp["index"], exp["pointing"], exp["dither"]
+    m.meta.filename = exp["filename"]
+    set_nircam_cal_meta(m.meta, exp["index"], shape, pixscale, exp["crval"], exp["roll"],
+                        visit_group=f"{exp['pointing'] + 1:02d}",
+                        sequence_id=f"{exp['dither'] + 1}")
+
+
+def set_nircam_cal_meta(meta, index, shape, pixscale, crval, roll, *, detector="NRCA1",
+                        visit_group="02", sequence_id="1", subarray=None):
+    """Metadata of a NIRCam imaging ``cal`` exposure, as calwebb_image3 reads it.
+
+    ``index`` numbers the exposure (its times and exposure number);
+    ``crval`` and ``roll`` are its pointing (degrees); ``subarray``
+    defaults to ``'FULL'`` for 2048 x 2048, else ``'GENERIC'``. The file
+    name and ``s_region`` are the caller's.
+    """
     ny, nx = shape
-    meta = m.meta
-    meta.filename = exp["filename"]
     meta.bunit_data = "MJy/sr"
     meta.bunit_err = "MJy/sr"
     meta.telescope = "JWST"
     meta.instrument.name = "NIRCAM"
-    meta.instrument.detector = "NRCA1"
+    meta.instrument.detector = detector
     meta.instrument.channel = "SHORT"
     meta.instrument.module = "A"
     meta.instrument.filter = "F200W"
     meta.instrument.pupil = "CLEAR"
     meta.exposure.type = "NRC_IMAGE"
-    t0 = 60000.0 + 0.01 * k
+    t0 = 60000.0 + 0.01 * index
     meta.exposure.start_time = t0
     meta.exposure.end_time = t0 + 0.005
     meta.exposure.mid_time = t0 + 0.0025
@@ -348,21 +360,23 @@ def _set_meta(m, exp, shape, pixscale):
     meta.observation.program_number = "01234"
     meta.observation.observation_number = "001"
     meta.observation.visit_number = "001"
-    meta.observation.visit_group = f"{p + 1:02d}"
-    meta.observation.sequence_id = f"{d + 1}"
+    meta.observation.visit_group = visit_group
+    meta.observation.sequence_id = sequence_id
     meta.observation.activity_id = "01"
-    meta.observation.exposure_number = f"{k + 1:05d}"
+    meta.observation.exposure_number = f"{index + 1:05d}"
     meta.target.type = "FIXED"
-    meta.subarray.name = "FULL" if shape == (2048, 2048) else "GENERIC"
+    if subarray is None:
+        subarray = "FULL" if tuple(shape) == (2048, 2048) else "GENERIC"
+    meta.subarray.name = subarray
     meta.subarray.xstart = 1
     meta.subarray.ystart = 1
     meta.subarray.xsize = nx
     meta.subarray.ysize = ny
     meta.photometry.pixelarea_arcsecsq = pixscale ** 2
     meta.photometry.pixelarea_steradians = (pixscale / 206264.806) ** 2
-    meta.wcsinfo.ra_ref = exp["crval"][0]
-    meta.wcsinfo.dec_ref = exp["crval"][1]
-    meta.wcsinfo.roll_ref = exp["roll"]
+    meta.wcsinfo.ra_ref = crval[0]
+    meta.wcsinfo.dec_ref = crval[1]
+    meta.wcsinfo.roll_ref = roll
     meta.wcsinfo.v3yangle = 0.0
     meta.wcsinfo.vparity = -1
     for step in ("assign_wcs", "flat_field", "photom"):

@@ -21,6 +21,7 @@ import numpy as np
 
 import oracle as O
 import step_helpers as h
+from mosaic_data import set_nircam_cal_meta
 
 #: Field center (ICRS degrees).
 FIELD = (53.16, -27.78)
@@ -114,51 +115,10 @@ def make_cal(k, backgrounds=True, seed=100, shape=SHAPE, detector=0):
     m.var_poisson = np.zeros(shape, dtype=np.float32)
     m.var_flat = np.zeros(shape, dtype=np.float32)
     m.meta.wcs = w
-    meta = m.meta
-    meta.filename = f"jw01234001001_0210{k + 1}_00001_nrca{detector + 1}_cal.fits"
-    meta.bunit_data = "MJy/sr"
-    meta.bunit_err = "MJy/sr"
-    meta.instrument.name = "NIRCAM"
-    meta.instrument.detector = f"NRCA{detector + 1}"
-    meta.instrument.channel = "SHORT"
-    meta.instrument.module = "A"
-    meta.instrument.filter = "F200W"
-    meta.instrument.pupil = "CLEAR"
-    meta.exposure.type = "NRC_IMAGE"
-    meta.exposure.start_time = 60000.0 + 0.01 * k
-    meta.exposure.end_time = 60000.0 + 0.01 * k + 0.005
-    meta.exposure.mid_time = 60000.0 + 0.01 * k + 0.0025
-    meta.exposure.exposure_time = 400.0
-    meta.exposure.effective_exposure_time = 400.0
-    meta.exposure.duration = 420.0
-    meta.exposure.measurement_time = 380.0
-    meta.exposure.elapsed_exposure_time = 400.0
-    meta.exposure.nints = 1
-    meta.observation.date = "2026-01-01"
-    meta.observation.time = "00:00:00"
-    meta.observation.program_number = "01234"
-    meta.observation.observation_number = "001"
-    meta.observation.visit_number = "001"
-    meta.observation.visit_group = "02"
-    meta.observation.sequence_id = "1"
-    meta.observation.activity_id = "01"
-    meta.observation.exposure_number = f"{k + 1:05d}"
-    meta.target.type = "FIXED"
-    meta.subarray.name = "SUB64P"
-    meta.subarray.xstart = 1
-    meta.subarray.ystart = 1
-    meta.subarray.xsize = shape[1]
-    meta.subarray.ysize = shape[0]
-    meta.photometry.pixelarea_arcsecsq = PIXSCALE ** 2
-    meta.photometry.pixelarea_steradians = (PIXSCALE / 206264.806) ** 2
-    meta.wcsinfo.ra_ref = ra0
-    meta.wcsinfo.dec_ref = dec0
-    meta.wcsinfo.roll_ref = DITHERS[k][2]
-    meta.wcsinfo.v3yangle = 0.0
-    meta.wcsinfo.vparity = -1
-    meta.wcsinfo.s_region = s_region(w, shape)
-    for step in ("assign_wcs", "flat_field", "photom"):
-        setattr(meta.cal_step, step, "COMPLETE")
+    m.meta.filename = f"jw01234001001_0210{k + 1}_00001_nrca{detector + 1}_cal.fits"
+    set_nircam_cal_meta(m.meta, k, shape, PIXSCALE, (ra0, dec0), DITHERS[k][2],
+                        detector=f"NRCA{detector + 1}", subarray="SUB64P")
+    m.meta.wcsinfo.s_region = s_region(w, shape)
     return m
 
 

@@ -4,9 +4,9 @@ import logging
 import numpy as np
 import pytest
 
+import bench_degree as bd
 import step_helpers as h
 
-from jwst_wiimatch.core import polyval_nd
 from jwst_wiimatch.core.degree import choose_degree, _fold_labels
 from jwst_wiimatch.core.engine import match_backgrounds
 from jwst_wiimatch.step import WiiMatchStep, typed_degree
@@ -14,43 +14,12 @@ from jwst_wiimatch.step import WiiMatchStep, typed_degree
 
 def _case(kind, seed, n=4, shape=(96, 96), sigma=1.0, amp=3.0):
     """``n`` overlapping noisy images with backgrounds of total degree ``kind``
-    (``'bilinear'``: planes plus an ``x*y`` term, tensor degree 1)."""
-    rng = np.random.default_rng(seed)
-    ny, nx = shape
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    x = (xx - nx / 2) / (nx / 2)
-    y = (yy - ny / 2) / (ny / 2)
-    imgs, masks, bgs = [], [], []
-    for _ in range(n):
-        c = rng.normal(0, amp, 8)
-        b = np.full(shape, c[0])
-        if kind == "bilinear":
-            b = b + c[1] * x + c[2] * y + c[5] * x * y
-            kind_ = 1
-        else:
-            kind_ = kind
-        if kind_ >= 1 and kind != "bilinear":
-            b = b + c[1] * x + c[2] * y
-        if kind_ >= 2:
-            b = b + c[3] * x * x + c[4] * y * y + c[5] * x * y
-        oy, ox = rng.integers(0, ny // 3), rng.integers(0, nx // 3)
-        m = np.zeros(shape, bool)
-        m[oy:oy + 2 * ny // 3, ox:ox + 2 * nx // 3] = True
-        imgs.append(b + rng.normal(0, sigma, shape))
-        masks.append(m)
-        bgs.append(b)
-    return imgs, masks, [sigma] * n, bgs
+    (``'bilinear'``: planes plus an ``x*y`` term, tensor degree 1), on 2/3 of
+    the grid each (``benchmarks/bench_degree.py``'s generator)."""
+    return bd.make_case(kind, seed, amp, n=n, shape=shape, sigma=sigma)
 
 
-def _true_error(res, masks, bgs):
-    """RMS over each image's pixels of the background error, common part removed."""
-    shape = masks[0].shape
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
-    X, Y = xx - res.eff_center[0], yy - res.eff_center[1]
-    dims = tuple(d + 1 for d in res.degree)
-    e = np.array([polyval_nd(c.reshape(dims), X, Y) - b for c, b in zip(res.coef, bgs)])
-    e -= e.mean(axis=0)
-    return float(np.sqrt(np.mean([np.mean(ei[m] ** 2) for ei, m in zip(e, masks)])))
+_true_error = bd.true_error
 
 
 EXPECTED = {0: (0, "tensor", "0"), 1: (1, "total", "1 (total)"),

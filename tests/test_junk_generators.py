@@ -15,10 +15,10 @@ import sys
 import numpy as np
 import pytest
 
+import junk_data as jd
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      "benchmarks")
-sys.path.insert(0, BENCH)
-import junk_data as jd  # noqa: E402
 
 SHAPE = (96, 96)
 N = 5
