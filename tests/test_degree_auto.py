@@ -7,7 +7,7 @@ import pytest
 import bench_degree as bd
 import step_helpers as h
 
-from jwst_wiimatch.core.degree import choose_degree, _fold_labels
+from jwst_wiimatch.core.degree import BIAS_WEIGHT, choose_degree, _fold_labels
 from jwst_wiimatch.core.engine import match_backgrounds
 from jwst_wiimatch.step import WiiMatchStep, typed_degree
 
@@ -174,7 +174,7 @@ def test_footprint_variance_is_that_of_the_fitted_backgrounds():
         assert v == pytest.approx(_footprint_variance(res, masks) / 4.0, rel=1e-6), (d, t)
     # more terms, more variance over the footprints
     assert info["variance"] == sorted(info["variance"])
-    assert np.allclose(info["risk"], np.array(info["score"]) - min(info["score"])
+    assert np.allclose(info["risk"], BIAS_WEIGHT * (np.array(info["score"]) - min(info["score"]))
                        + np.array(info["variance"]))
 
 
