@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import pytest
 
-from jwst_wiimatch.core import MatchWarning, match_backgrounds
+from jwst_wiimatch.core import MatchWarning, match_backgrounds, polyval_nd
 from jwst_wiimatch.core.robust import check_robust, dilate, dilate_flat, source_mask
 from jwst_wiimatch.match import match_lsq
 
@@ -168,6 +168,57 @@ def test_start_not_moved_by_junk():
     r = match_backgrounds(ims, degree=0, robust="clip", max_abs=1e20)
     assert abs((r.coef[1, 0] - r.coef[0, 0]) - 3) < 0.1
     assert r.pair_rejected[0, 1] >= 30 * 80
+
+
+# an extended glow (wisp-, claw- or ghost-like) over a sizeable part of one
+# image: at one edge of each overlap it is a cluster at high leverage, which
+# tilts an L1 or Huber start; the start screens each pair's cells first
+GLOW_GEOMETRIES = {
+    # 2 x 2 mosaic: half-image steps; a glow on 20 % of image 1 (its side
+    # towards the others) covers 40 % of two of its overlaps
+    "mosaic": ((150, 150), (100, 100), [(0, 0), (0, 50), (50, 0), (50, 50)], "left"),
+    # small dithers: a glow on 30 or 40 % of image 1 (the side away from
+    # image 0) covers that much of the overlap with image 3
+    "dither": ((112, 112), (96, 96), [(0, 0), (0, 16), (16, 0), (16, 16)], "right"),
+}
+
+
+def _glow_error(geom, frac, amp, seed, robust):
+    grid, shape, origins, side = GLOW_GEOMETRIES[geom]
+    rng = np.random.default_rng(seed)
+    yy, xx = np.indices(shape)
+    images, truth = [], []
+    for k, (oy, ox) in enumerate(origins):
+        c = rng.normal(0, 1, 3)
+        bkg = c[0] + 2 * c[1] * ((xx + ox) / grid[1] - 0.5) + 2 * c[2] * ((yy + oy) / grid[0] - 0.5)
+        im = bkg + rng.normal(0, 1, shape)
+        if k == 1 and frac:
+            w = int(round(frac * shape[1]))
+            im[:, slice(None, w) if side == "left" else slice(shape[1] - w, None)] += amp
+        images.append(im)
+        truth.append(bkg)
+    res = match_backgrounds(images, sigmas=[1.0] * 4, degree=1, origins=origins,
+                            grid_shape=grid, robust=robust)
+    shp = tuple(d + 1 for d in res.degree)
+    rec = [polyval_nd(np.reshape(c, shp), xx + ox - res.eff_center[0],
+                      yy + oy - res.eff_center[1]) for c, (oy, ox) in zip(res.coef, origins)]
+    return max(float(np.sqrt(np.mean(np.square((rec[n] - rec[0]) - (truth[n] - truth[0])))))
+               for n in range(1, 4))
+
+
+def _rms(v):
+    return float(np.sqrt(np.mean(np.square(v))))
+
+
+@pytest.mark.parametrize("geom, frac", [("mosaic", 0.2), ("dither", 0.3), ("dither", 0.4)])
+@pytest.mark.parametrize("amp", [8.0, 30.0])
+def test_extended_glow_at_the_edge_of_overlaps(geom, frac, amp):
+    seeds = (0, 1, 2)
+    clean = _rms([_glow_error(geom, 0, 0, s, None) for s in seeds])
+    plain = _rms([_glow_error(geom, frac, amp, s, None) for s in seeds])
+    clip = _rms([_glow_error(geom, frac, amp, s, "clip") for s in seeds])
+    assert plain > 8 * clean, (plain, clean)  # the glow spoils plain least squares
+    assert clip <= 1.5 * clean, (clip, plain, clean)
 
 
 def test_bad_arguments():
