@@ -16,7 +16,9 @@ of the two boxes: temporaries are bounded by a block, pairs that do not
 overlap cost a box intersection, and sums of blocks are sums, so blocks may be
 processed in any order or in parallel.
 """
+import functools
 import itertools
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ __all__ = ["PairMoments", "accumulate", "valid_box"]
 BLOCK_PIXELS = 1 << 16
 # Bound on the bytes of per-image block arrays held at once (all images).
 BLOCK_BYTES = 48 << 20
-# Bound on the bytes of a world block's monomials and coordinates.
+# Bound on the bytes of a world block's coordinates and image2world's temporaries.
 WORLD_BYTES = 16 << 20
 
 
@@ -270,11 +272,15 @@ def _fill_image(prob, l, box, d, var):
     sb = None if isinstance(s, float) else _sigma_block(prob, l, sl)
     ok = True
     if sb is not None:  # sigmas whose squares are normal float64 numbers
+        # (no finite float32 sigma is too large: the upper bound needs no
+        # pass there, an infinite one is caught by the finiteness test below)
+        big = sb.dtype.kind == "f" and float(np.finfo(sb.dtype).max) > SIGMA_MAX
         if mb is None:
-            ok = float(np.min(sb)) > SIGMA_MIN and float(np.max(sb)) <= SIGMA_MAX
+            ok = float(np.min(sb)) > SIGMA_MIN and \
+                (not big or float(np.max(sb)) <= SIGMA_MAX)
         else:
             ok = float(np.min(sb, where=mb, initial=np.inf)) > SIGMA_MIN and \
-                float(np.max(sb, where=mb, initial=0.0)) <= SIGMA_MAX
+                (not big or float(np.max(sb, where=mb, initial=0.0)) <= SIGMA_MAX)
     if ok:
         if mb is None:
             np.copyto(d, src)
@@ -311,6 +317,15 @@ def _fill_image(prob, l, box, d, var):
     return (None if valid.all() else valid), counts
 
 
+@functools.lru_cache(maxsize=64)
+def _pairs(k):
+    """Pairs ``i < j`` of ``k`` stacked images: index arrays and lists (cached)."""
+    ia, ib = np.triu_indices(k, 1)
+    ia.flags.writeable = False
+    ib.flags.writeable = False
+    return ia, ib, tuple(ia.tolist()), tuple(ib.tolist())
+
+
 def _powers(u, maxdeg):
     """``u ** k`` for ``k = 0 .. maxdeg``, stacked on a new first axis."""
     out = np.empty((maxdeg + 1,) + np.shape(u))
@@ -345,6 +360,14 @@ def _contract_separable(arr, axis_powers, sub):
 # (which release the GIL) and the moments one matrix product per stack.
 PAIR_BATCH = 64
 STACK_ELEMS = 1 << 17
+# World coordinates: bound on all the values a chunk holds (three stacks of
+# pairs x pixels, the chunk's monomials, ``prod(2 D + 1)`` per pixel, and
+# their powers). A chunk costs some 40 numpy calls, so smaller chunks, which
+# would fit a core's cache better, lose more in overhead than they gain
+# (measured: 1 << 17 is 15% slower than 1 << 19, 1 << 21 20% slower); with
+# few pairs the bound keeps the monomials of a chunk to a few MB instead of
+# those of the whole block.
+WORLD_CHUNK_ELEMS = 1 << 19
 
 
 class _BlockSums(NamedTuple):
@@ -438,25 +461,109 @@ class _Accumulator:
         if frame.separable:
             self.axis_powers = [np.ascontiguousarray(_powers(frame.axis_u(j), self.mdeg[j]).T)
                                 for j in range(frame.ndim)]
+        else:
+            self._mono_setup()
 
-    def _world_monomials(self, u, ok):
+    def _world_monomials(self, u, ok, out=None):
         """Monomials of scaled world coordinates (``u``: one flat array per axis).
 
-        Returns ``phi`` (``R x npix``: ``u**r`` for every ``r <= 2 D``, C order
-        over ``(r_x, r_y, ...)``) and ``phid`` (the rows ``r <= D``, same
-        order). Where ``ok`` (None: everywhere) is False they are 0.
+        Returns ``phi`` (``R x npix``: ``u**r`` for every ``r <= 2 D``) and
+        ``phid`` (the rows ``r <= D``), the first rows of ``phi``: each
+        monomial is computed once, the powers of each axis are rows of the
+        table, and each other row is one product. Row ``i`` of ``phi`` is the
+        monomial of C-order index ``mono_order[i]`` over ``r <= 2 D``, row
+        ``i`` of ``phid`` the one of index ``dmono_order[i]`` over ``r <= D``
+        (see :meth:`_mono_setup`). Where ``ok`` (None: everywhere) is False
+        the rows other than the constant one are 0.
+
+        ``out`` (a float64 buffer of at least ``R`` values per pixel)
+        receives the table: no allocation per chunk. The products are taken
+        in axis order (``(u_x**a * u_y**b) * u_z**c``), the powers by
+        repeated multiplication, so every value is the one of the plain
+        outer product of the powers.
         """
         npix = u[0].size
-        pows = [_powers(a if ok is None else np.where(ok, a, 0.0), md)
-                for a, md in zip(u, self.mdeg)]
+        nrow = len(self.mono_order)
+        if out is None:
+            out = np.empty(nrow * npix)
+        phi = out[:nrow * npix].reshape(nrow, npix)
+        for op in self._mono_plan:
+            kind = op[0]
+            if kind == "one":
+                phi[op[1]] = 1.0
+            elif kind == "copy":  # u_j (0 where not ok)
+                _, j, row = op
+                if ok is None:
+                    phi[row] = u[j]
+                else:
+                    phi[row] = 0.0
+                    np.copyto(phi[row], u[j], where=ok)
+            elif kind == "pow":  # u_j**k = u_j**(k - 1) * u_j
+                np.multiply(phi[op[2]], phi[op[3]], out=phi[op[1]])
+            else:  # rows of one segment: outer product of two others
+                _, dst, a0, na, b0, nb = op
+                np.multiply(phi[a0:a0 + na, None, :], phi[None, b0:b0 + nb, :],
+                            out=phi[dst:dst + na * nb].reshape(na, nb, npix))
+        return phi, phi[:len(self.dmono_order)]
 
-        def outer(sizes):
-            phi = pows[0][:sizes[0]]
-            for p, sz in zip(pows[1:], sizes[1:]):
-                phi = (phi[:, None, :] * p[None, :sz, :]).reshape(-1, npix)
-            return phi
+    def _mono_setup(self):
+        """Layout and plan of :meth:`_world_monomials`' table.
 
-        return outer(self.mshape), outer(self.dshape)
+        Each axis' exponents split into three parts: ``0``, ``1 .. D_j``
+        (low) and ``D_j + 1 .. 2 D_j`` (high). A segment takes one part per
+        axis; its rows are the C-order product of its parts. The segments
+        without a high part (the monomials ``r <= D``) come first. A segment
+        with one non-zero part is a run of powers of that axis; one with
+        several is the outer product of the segment without its last
+        non-zero axis and that axis' powers, both already in the table.
+        """
+        nd = len(self.deg)
+        parts = [[(0, 1), (1, d + 1), (d + 1, 2 * d + 1)] for d in self.deg]
+        segs = [p for p in itertools.product(range(3), repeat=nd)
+                if all(parts[j][p[j]][1] > parts[j][p[j]][0] for j in range(nd))]
+        segs.sort(key=lambda p: 2 in p)  # stable: the low segments first
+        start, rows, size = {}, [], {}
+        for p in segs:
+            start[p] = len(rows)
+            rng = [range(*parts[j][p[j]]) for j in range(nd)]
+            seg_rows = list(itertools.product(*rng))
+            size[p] = len(seg_rows)
+            rows.extend(seg_rows)
+        plan = []
+        for p in sorted(segs, key=lambda p: sum(1 for x in p if x)):
+            nz = [j for j in range(nd) if p[j]]
+            if not nz:
+                plan.append(("one", start[p]))
+            elif len(nz) == 1:
+                j = nz[0]
+                zero = (0,) * nd
+                for r in range(*parts[j][p[j]]):
+                    e = list(zero)
+                    e[j] = r
+                    row = rows.index(tuple(e))
+                    if r == 1:
+                        plan.append(("copy", j, row))
+                    else:
+                        e[j] = r - 1
+                        prev = rows.index(tuple(e))
+                        e[j] = 1
+                        plan.append(("pow", row, prev, rows.index(tuple(e))))
+            else:
+                j = nz[-1]
+                head = tuple(0 if i == j else x for i, x in enumerate(p))
+                tail = tuple(x if i == j else 0 for i, x in enumerate(p))
+                plan.append(("outer", start[p], start[head], size[head],
+                             start[tail], size[tail]))
+        self._mono_plan = plan
+        #: C-order index (over ``r <= 2 D``) of each row of the world monomials
+        self.mono_order = np.ravel_multi_index(np.array(rows).T, self.mshape)
+        nT = int(np.prod(self.dshape))
+        #: C-order index (over ``r <= D``) of each of their first rows
+        self.dmono_order = np.ravel_multi_index(np.array(rows[:nT]).T, self.dshape)
+
+    def _monomial_size(self):
+        """Values per pixel of :meth:`_world_monomials`' buffer."""
+        return int(np.prod(self.mshape))
 
     def _image_polys(self, labels, ebox, u, ok):
         """``(k, npx)`` values of the current polynomials of images ``labels`` on ``ebox``."""
@@ -653,13 +760,12 @@ class _Accumulator:
         # of each image that another image also covers. From the boxes when
         # every box is all valid; else from products of the 0/1 validity rows
         # (sums of ones: exact integers).
-        ia, ib = np.triu_indices(k, 1)
-        ial, ibl = ia.tolist(), ib.tolist()
+        ia, ib, ial, ibl = _pairs(k)
         if Q is None:
             gp = []
             for a, b in zip(ial, ibl):
                 pb = _intersect(boxes[a][1], boxes[b][1])
-                gp.append(0 if pb is None else int(np.prod([hi - lo for lo, hi in pb])))
+                gp.append(0 if pb is None else math.prod([hi - lo for lo, hi in pb]))
             gp = np.array(gp, dtype=np.int64)
             if all(full):
                 image_npix[labels] += npx
@@ -697,18 +803,19 @@ class _Accumulator:
         # Groups of at most PAIR_BATCH pairs, over chunks of rows of the
         # box holding at most about STACK_ELEMS values per stack: a handful
         # of large operations per chunk (they release the GIL), and the
-        # moments as matrix products over the chunk.
+        # moments as matrix products over the chunk. The stacks live in two
+        # buffers allocated once per block and reused by every chunk.
         if self.frame.separable:
             # whole rows of the box for as many pairs as fit: few chunks
             # (the monomials cost nothing to slice)
             group = max(1, min(PAIR_BATCH, STACK_ELEMS // npx))
         else:
             # all pairs at once over fewer rows: the chunk's monomials are
-            # computed once for all pairs
+            # computed once for all the pairs of the chunk
             group = PAIR_BATCH
+        groups = []
         for g0 in range(0, P, group):
             g1 = min(P, g0 + group)
-            c = g1 - g0
             # runs of pairs sharing their first image: one operation each
             runs = []
             j = g0
@@ -721,38 +828,66 @@ class _Accumulator:
                 bsel = slice(bs[0], bs[-1] + 1) if bs[-1] - bs[0] == e - j - 1 else bs
                 runs.append((a, bsel, j - g0, e - g0))
                 j = e
-            rows = max(1, STACK_ELEMS // (c * rowlen))
-            for r0 in range(0, eshape[0], rows):
-                r1 = min(eshape[0], r0 + rows)
-                p0, p1 = r0 * rowlen, r1 * rowlen
-                m = p1 - p0
-                X = np.empty((2, c, m))
-                W, WD = X[0], X[1]
-                DF = np.empty((c, m))
-                for a, bsel, j0, j1 in runs:
-                    np.add(V[a, p0:p1], V[bsel, p0:p1], out=W[j0:j1])
-                    np.subtract(D[a, p0:p1], D[bsel, p0:p1], out=DF[j0:j1])
-                np.reciprocal(W, out=W)
-                if rob is not None:
-                    self._robust_chunk(W, resid, runs, t2v[g0:g1], cwv[g0:g1], seeds,
-                                       g0, p0, p1)
-                np.multiply(W, DF, out=WD)
-                # one BLAS dot per pair (np.dot releases the GIL, matmul does
-                # not); its rounding of sum(w d**2) also agrees with that of
-                # the products below, so that chi - T**2 / S cancels well
-                for i in range(c):
-                    chi[g0 + i] += np.dot(WD[i], DF[i])
-                if self.frame.separable:
+            groups.append((g0, g1, runs))
+        cmax = min(P, group)
+        if self.frame.separable:
+            rows = max(1, STACK_ELEMS // (cmax * rowlen))
+        else:
+            rows = max(1, WORLD_CHUNK_ELEMS // ((3 * cmax + self._monomial_size()) * rowlen))
+        mmax = min(rows, eshape[0]) * rowlen
+        xbuf = np.empty(2 * cmax * mmax)
+        dbuf = np.empty(cmax * mmax)
+
+        def pair_stacks(g0, g1, runs, p0, p1):
+            """Weights ``W`` and weighted differences ``WD`` (stacked in ``X``) of
+            pairs ``g0:g1`` over pixels ``p0:p1``; adds their chi sums."""
+            c, m = g1 - g0, p1 - p0
+            X = xbuf[:2 * c * m].reshape(2, c, m)
+            W, WD = X[0], X[1]
+            DF = dbuf[:c * m].reshape(c, m)
+            for a, bsel, j0, j1 in runs:
+                np.add(V[a, p0:p1], V[bsel, p0:p1], out=W[j0:j1])
+                np.subtract(D[a, p0:p1], D[bsel, p0:p1], out=DF[j0:j1])
+            np.reciprocal(W, out=W)
+            if rob is not None:
+                self._robust_chunk(W, resid, runs, t2v[g0:g1], cwv[g0:g1], seeds,
+                                   g0, p0, p1)
+            np.multiply(W, DF, out=WD)
+            # one BLAS dot per pair (np.dot releases the GIL, matmul does
+            # not); its rounding of sum(w d**2) also agrees with that of
+            # the products below, so that chi - T**2 / S cancels well
+            for i in range(g1 - g0):
+                chi[g0 + i] += np.dot(WD[i], DF[i])
+            return X
+
+        if self.frame.separable:
+            for g0, g1, runs in groups:
+                c = g1 - g0
+                rows = max(1, STACK_ELEMS // (c * rowlen))
+                for r0 in range(0, eshape[0], rows):
+                    r1 = min(eshape[0], r0 + rows)
+                    X = pair_stacks(g0, g1, runs, r0 * rowlen, r1 * rowlen)
                     sub = (slice(origin[0] + r0, origin[0] + r1),) + _slices(ebox)[1:]
                     mom = _contract_separable(X.reshape((2 * c, r1 - r0) + eshape[1:]),
                                               self.axis_powers, sub)
                     S[g0:g1] += mom[:c].reshape(c, nS)
                     T[g0:g1] += mom[c:][(slice(None),) + self.dsl].reshape(c, nT)
-                else:
-                    phi, phid = self._world_monomials(
-                        [a[p0:p1] for a in u], None if ok is None else ok[p0:p1])
-                    S[g0:g1] += np.dot(W, phi.T)
-                    T[g0:g1] += np.dot(WD, phid.T)
+        else:
+            # chunks of rows outside, groups of pairs inside: the monomials of
+            # a chunk are computed once (into a reused buffer) for all pairs
+            # S's and T's columns in the order of the monomials' rows until the end
+            mbuf = np.empty(self._monomial_size() * mmax)
+            for r0 in range(0, eshape[0], rows):
+                r1 = min(eshape[0], r0 + rows)
+                p0, p1 = r0 * rowlen, r1 * rowlen
+                phi, phid = self._world_monomials(
+                    [a[p0:p1] for a in u], None if ok is None else ok[p0:p1], out=mbuf)
+                for g0, g1, runs in groups:
+                    X = pair_stacks(g0, g1, runs, p0, p1)
+                    S[g0:g1] += np.dot(X[0], phi.T)
+                    T[g0:g1] += np.dot(X[1], phid.T)
+            S[:, self.mono_order] = S.copy()
+            T[:, self.dmono_order] = T.copy()
         if rob is not None:
             rejected, image_rejected = self._reject(
                 seeds, S, T, chi, D, V, polys, eshape, origin, labels, ial, ibl, u, keys)
@@ -842,9 +977,10 @@ def _accumulate(prob, frame, pool, client=None, robust=None):
     # a block holds data, variance and validity (float64) of each image
     max_pix = min(BLOCK_PIXELS, max(4096, BLOCK_BYTES // (24 * n)))
     if not frame.separable:
-        # world frames also hold the block's monomials (nmom + ndat per
-        # pixel) and image2world's temporaries
-        max_pix = min(max_pix, max(1024, WORLD_BYTES // (8 * (nmom + ndat + 16))))
+        # world frames also hold the block's coordinates (ndim per pixel)
+        # and image2world's temporaries; the monomials are made per chunk of
+        # the block (see WORLD_CHUNK_ELEMS), not for the whole block
+        max_pix = min(max_pix, max(1024, WORLD_BYTES // (8 * (frame.ndim + 16))))
     bshape = block_shape(prob.shape, max_pix)
     per_axis = [axis_cuts(n_ax, b, [e for box in bboxes if box is not None for e in box[k]])
                 for k, (n_ax, b) in enumerate(zip(prob.shape, bshape))]

@@ -126,14 +126,24 @@ class Frame:
         list of numpy.ndarray
             ``u_j`` for each coordinate, each of the block's shape.
         """
-        idx = np.indices([s.stop - s.start for s in slices], dtype=float)
-        pix = [(idx[k] + slices[k].start).ravel() for k in range(self.ndim)][::-1]
+        bshape = tuple(s.stop - s.start for s in slices)
+        pix = []
+        for k in range(self.ndim - 1, -1, -1):  # (x, y, ...) order
+            ax = np.arange(slices[k].start, slices[k].stop, dtype=float)
+            ax = ax.reshape((-1,) + (1,) * (self.ndim - 1 - k))
+            pix.append(np.broadcast_to(ax, bshape).ravel())
         world = call_image2world(self.image2world, pix, self.ndim)
-        bshape = idx.shape[1:]
-        return [
-            ((w - c - s0) / s1).reshape(bshape)
-            for w, c, s0, s1 in zip(world, self.eff_center, self.shift, self.scale)
-        ]
+        return [u.reshape(bshape) for u in self._scaled(world)]
+
+    def _scaled(self, world):
+        """``u = (X - shift) / scale`` of world coordinates (one temporary each)."""
+        out = []
+        for w, c, s0, s1 in zip(world, self.eff_center, self.shift, self.scale):
+            u = np.subtract(w, c)  # (w - c - s0) / s1
+            u -= s0
+            u /= s1
+            out.append(u)
+        return out
 
 
 def _grid_coordinates(shape, image2world, eff_center):
