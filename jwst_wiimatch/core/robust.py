@@ -58,7 +58,7 @@ METHODS = ("clip", "huber", "tukey")
 #: median cannot be data: it is left out before the sums.
 ABSURD_FACTOR = 1e10
 #: Lattice points of the grid sampled for the robust start (at most).
-START_POINTS = 1 << 18
+START_POINTS = 1 << 16
 #: Lattice points per cell of the start (about; a power of the dimension).
 CELL_POINTS = 256
 #: A pass that rejects more than this fraction of a pair's pixels is redone
