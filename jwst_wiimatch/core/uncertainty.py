@@ -47,6 +47,13 @@ def _boxes(prob):
 COV_POINTS = 1 << 14
 
 
+#: Most (images x images x lattice points) values of a block of the
+#: ``Cov(b)`` pass (each of its few such arrays: 16 MB), whatever the
+#: number of images: a mosaic of 64 exposures would otherwise hold
+#: 64 x 64 x 16384 values (0.5 GB) per array.
+COV_BLOCK_ELEMS = 1 << 21
+
+
 def cov_stride(shape, points=COV_POINTS):
     """Lattice step (the same along every axis) for a grid of ``shape``."""
     npix = float(np.prod(shape))
@@ -189,7 +196,9 @@ def noise_covariance_b(prob, frame, stride=None, robust=None):
         return tuple((-(-(lo - off) // st), -(-(hi - off) // st)) for lo, hi in box)
 
     lboxes = [None if bx is None else to_lattice(bx) for bx in boxes]
-    bs = block_shape(lshape, BLOCK_PIXELS)
+    # a block holds (images x images x points) weights: as many points as
+    # keep them within COV_BLOCK_ELEMS for the images of the problem
+    bs = block_shape(lshape, max(64, min(BLOCK_PIXELS, COV_BLOCK_ELEMS // max(1, n * n))))
     for start in itertools.product(*[range(0, s, b) for s, b in zip(lshape, bs)]):
         block = tuple((a, min(a + b, s)) for a, b, s in zip(start, bs, lshape))
         live = [(l, _intersect(block, bx)) for l, bx in enumerate(lboxes) if bx is not None]
