@@ -77,6 +77,18 @@ FIELDS = ("origin", "npix", "absurd", "sources", "has_err", "err_note", "reason"
           "sigma", "data_eq", "sigma_eq")
 
 
+def _assert_same_reduction(a, b, dtypes=False):
+    """The box read (``a``) and the whole read (``b``) reduced a model alike."""
+    for key in FIELDS:
+        va, vb = getattr(a, key), getattr(b, key)
+        if isinstance(vb, np.ndarray):
+            np.testing.assert_array_equal(np.asarray(va), vb, err_msg=key)
+            if dtypes:  # the same type (the whole path keeps FITS' big-endian order)
+                assert np.asarray(va).dtype == vb.dtype.newbyteorder("="), key
+        else:
+            assert va == vb, key
+
+
 @pytest.mark.parametrize("binning", [1, 3])
 @pytest.mark.parametrize("sources,robust", [(None, False), (5.0, False), (10.0, True)])
 def test_box_reduction_equals_whole(tmp_path, whole, binning, sources, robust):
@@ -92,14 +104,7 @@ def test_box_reduction_equals_whole(tmp_path, whole, binning, sources, robust):
     if sources:
         assert any(r.sources for r, _ in boxed)
     for (a, _), (b, _) in zip(boxed, full):
-        for key in FIELDS:
-            va, vb = getattr(a, key), getattr(b, key)
-            if isinstance(vb, np.ndarray):
-                np.testing.assert_array_equal(np.asarray(va), vb, err_msg=key)
-                # the same type (the whole path keeps FITS' big-endian order)
-                assert np.asarray(va).dtype == vb.dtype.newbyteorder("="), key
-            else:
-                assert va == vb, key
+        _assert_same_reduction(a, b, dtypes=True)
 
 
 def test_box_err_edge_cases(tmp_path, whole):
@@ -126,12 +131,7 @@ def test_box_err_edge_cases(tmp_path, whole):
     assert not boxed[1].has_err and "no positive" in boxed[1].err_note
     assert boxed[2].origin is None
     for a, b in zip(boxed, full):
-        for key in FIELDS:
-            va, vb = getattr(a, key), getattr(b, key)
-            if isinstance(vb, np.ndarray):
-                np.testing.assert_array_equal(np.asarray(va), vb, err_msg=key)
-            else:
-                assert va == vb, key
+        _assert_same_reduction(a, b)
 
 
 def _coefficients(asn, **kw):
@@ -228,12 +228,7 @@ def test_reading_pass_allocates_no_whole_grid_array(tmp_path, whole):
     box, rbox = peak("box")
     whole()
     full, rfull = peak("whole")
-    for key in FIELDS:
-        va, vb = getattr(rbox, key), getattr(rfull, key)
-        if isinstance(vb, np.ndarray):
-            np.testing.assert_array_equal(np.asarray(va), vb, err_msg=key)
-        else:
-            assert va == vb, key
+    _assert_same_reduction(rbox, rfull)
     # streaming: CHUNK_ROWS rows at a time (1.1 MB here), never a whole image
     assert box < 0.6 * image_bytes, (box, image_bytes)
     assert full > 2 * image_bytes, (full, image_bytes)
