@@ -203,7 +203,10 @@ def fit_diagnostics(mom, coef_u, degree, components, condition=None, undetermine
     scale = float(sigma_scale)
 
     def unscaled(x):  # sums of the rescaled sigmas' weights -> the given sigmas' units
-        return x / scale / scale
+        # (inf when the given sigmas are so small that it is beyond float64:
+        # the chi-square is then that large, and said so, not a stray warning)
+        with np.errstate(over="ignore"):
+            return np.asarray(x, dtype=np.float64) / scale / scale
     group_of = {}
     for g, comp in enumerate(components):
         for i in comp:
