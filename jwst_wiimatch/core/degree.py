@@ -18,8 +18,8 @@ Held-out blocks lie inside the overlaps, so the scores measure how well a
 candidate interpolates; the parts of each footprint that no other image
 covers are extrapolated, where extra terms swing freely. With the frame of
 the problem at hand, each candidate is therefore judged by an estimate of
-its true error over the footprints: the excess of its held-out score over
-the best (its bias, squared) plus the variance of its fitted polynomials
+its true error over the footprints: twice the excess of its held-out score
+over the best (its bias, squared; see ``BIAS_WEIGHT``) plus the variance of its fitted polynomials
 averaged over each image's own valid pixels (from the covariance of the
 coefficients, :mod:`.uncertainty`).
 """
@@ -30,7 +30,6 @@ import warnings
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .accumulate import _prepare_image, valid_box
 from .inputs import check_inputs
 from .poly import exponents, term_mask
 from .solve import _components, assemble, gram_index
@@ -107,37 +106,25 @@ def footprint_moments(prob, frame, stride):
     the scaled coordinates of ``frame``. Returns a list of ``(M, M)``
     arrays (None for an image without a valid pixel).
     """
-    from .uncertainty import _lattice_u
+    from .uncertainty import _boxes, _lattice_box, _lattice_u, _monomials, _read_shifted
 
     exps = exponents(prob.degree)
     off = stride // 2
     out = []
-    for l, (img, m, o) in enumerate(zip(prob.images, prob.masks, prob.origins)):
-        box = valid_box(None if m is None else np.asarray(m), np.shape(img), o)
-        if box is None:
+    for l, box in enumerate(_boxes(prob)):
+        lbox = None if box is None else _lattice_box(box, stride, off)
+        if lbox is None or any(b <= a for a, b in lbox):
             out.append(None)
             continue
-        # lattice points (grid pixels off + stride * k) inside the box
-        lo = [-(-(a - off) // stride) for a, _ in box]
-        hi = [-(-(b - off) // stride) for _, b in box]
-        if any(h <= q for q, h in zip(lo, hi)):
-            out.append(None)
-            continue
-        gbox = tuple((off + stride * q, off + stride * (h - 1) + 1) for q, h in zip(lo, hi))
-        var = _prepare_image(prob, l, gbox, step=stride if stride > 1 else None)[1]
+        var = _read_shifted(prob, l, box, lbox, stride, off, (0,) * len(lbox))[1]
         ok = np.isfinite(var)
         if not ok.any():
             out.append(None)
             continue
-        grids = np.meshgrid(*[off + stride * np.arange(q, h) for q, h in zip(lo, hi)],
-                            indexing="ij")
+        grids = np.meshgrid(*[off + stride * np.arange(a, b) for a, b in lbox], indexing="ij")
         u = _lattice_u(frame, [g[ok] for g in grids])
         fin = np.logical_and.reduce([np.isfinite(c) for c in u])
-        x = np.ones((len(exps), int(fin.sum())))
-        for k, p in enumerate(exps):
-            for c, e in zip(u, p):
-                if e:
-                    x[k] *= c[fin] ** int(e)
+        x = _monomials([c[fin] for c in u], exps)
         out.append(x @ x.T / max(x.shape[1], 1))
     return out
 

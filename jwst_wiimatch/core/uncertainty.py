@@ -60,6 +60,11 @@ def cov_stride(shape, points=COV_POINTS):
     return max(1, int(np.ceil((npix / points) ** (1.0 / len(shape)) - 1e-9)))
 
 
+def _lattice_box(box, st, off):
+    """Lattice index ranges of the points (grid pixels ``off + st * k``) in grid ``box``."""
+    return tuple((-(-(lo - off) // st), -(-(hi - off) // st)) for lo, hi in box)
+
+
 def _lattice_u(frame, idx):
     """Scaled coordinates ``u`` (one flat array per coordinate) of grid pixels ``idx``.
 
@@ -192,10 +197,7 @@ def noise_covariance_b(prob, frame, stride=None, robust=None):
     off = st // 2
     lshape = tuple(max(0, -(-(s - off) // st)) for s in shape)
 
-    def to_lattice(box):  # grid box -> lattice box
-        return tuple((-(-(lo - off) // st), -(-(hi - off) // st)) for lo, hi in box)
-
-    lboxes = [None if bx is None else to_lattice(bx) for bx in boxes]
+    lboxes = [None if bx is None else _lattice_box(bx, st, off) for bx in boxes]
     # a block holds (images x images x points) weights: as many points as
     # keep them within COV_BLOCK_ELEMS for the images of the problem
     bs = block_shape(lshape, max(64, min(BLOCK_PIXELS, COV_BLOCK_ELEMS // max(1, n * n))))
