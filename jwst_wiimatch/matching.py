@@ -375,14 +375,25 @@ def _reduce_grid_model(model, index, dqflags, binning, checker, equal=False, sou
     name = _model_name(model, index)
     checker.check(model, name)
     data, sigma, mask, level, note = _read_pixels(model, dqflags, name)
-    mask, absurd = _absurd_cut(data, mask, sigma, name)
     red = _Reduced(name=name, has_err=sigma is not None, err_note=note,
-                   npix=int(np.count_nonzero(mask)), group_id=model_group_id(model),
-                   absurd=absurd)
-    box = valid_box(mask, mask.shape, (0,) * mask.ndim)
+                   group_id=model_group_id(model))
+    return _reduce_read(red, data, sigma, mask, level, binning, equal, sources)
+
+
+def _reduce_read(red, data, sigma, mask, level, binning, equal, sources, offset=None,
+                 shape=None):
+    """Absurd-value cut, source masking and reduction of one model's pixels into ``red``.
+
+    ``data`` (and ``sigma``, ``mask``) are the whole grid, or with
+    ``offset`` the region of the grid of ``shape`` that starts there.
+    """
+    mask, red.absurd = _absurd_cut(data, mask, sigma, red.name, offset, shape)
+    red.npix = int(np.count_nonzero(mask))
+    box = valid_box(mask, mask.shape, (0,) * mask.ndim if offset is None else offset)
     src = _sources(data, mask, sigma, sources, red)
     if box is not None:
-        _reduce_box(data, sigma, mask, level, box, binning, red, equal=equal, src=src)
+        _reduce_box(data, sigma, mask, level, box, binning, red, equal=equal, src=src,
+                    offset=offset)
     return red
 
 
@@ -444,14 +455,7 @@ def _reduce_grid_boxed(member, index, dqflags, binning, checker, equal=False, so
     dq = member.read("dq", region) if dqflags is not None else None
     mask = pixels.mask_from_arrays(data, sigma, dq, dqflags, member.read("wht", region))
     del dq
-    mask, red.absurd = _absurd_cut(data, mask, sigma, name, offset, shape)
-    red.npix = int(np.count_nonzero(mask))
-    box = valid_box(mask, mask.shape, offset)
-    src = _sources(data, mask, sigma, sources, red)
-    if box is not None:
-        _reduce_box(data, sigma, mask, level, box, binning, red, equal=equal, src=src,
-                    offset=offset)
-    return red
+    return _reduce_read(red, data, sigma, mask, level, binning, equal, sources, offset, shape)
 
 
 #: Cells along the shorter side of a grid or detector that binning keeps at least.
