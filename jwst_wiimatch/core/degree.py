@@ -31,7 +31,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .inputs import check_inputs
-from .poly import exponents, term_mask
+from .poly import exponents, monomials, term_mask
 from .solve import _components, assemble, gram_index
 
 __all__ = ["DEGREE_CANDIDATES", "candidate_polynomials", "choose_degree", "is_auto"]
@@ -106,9 +106,8 @@ def footprint_moments(prob, frame, stride):
     the scaled coordinates of ``frame``. Returns a list of ``(M, M)``
     arrays (None for an image without a valid pixel).
     """
-    from .uncertainty import _boxes, _lattice_box, _lattice_u, _monomials, _read_shifted
+    from .uncertainty import _boxes, _lattice_box, _lattice_u, _read_shifted
 
-    exps = exponents(prob.degree)
     off = stride // 2
     out = []
     for l, box in enumerate(_boxes(prob)):
@@ -124,7 +123,7 @@ def footprint_moments(prob, frame, stride):
         grids = np.meshgrid(*[off + stride * np.arange(a, b) for a, b in lbox], indexing="ij")
         u = _lattice_u(frame, [g[ok] for g in grids])
         fin = np.logical_and.reduce([np.isfinite(c) for c in u])
-        x = _monomials([c[fin] for c in u], exps)
+        x = monomials([c[fin] for c in u], prob.degree)
         out.append(x @ x.T / max(x.shape[1], 1))
     return out
 

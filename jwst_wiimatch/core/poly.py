@@ -258,16 +258,21 @@ def coef_from_scaled(coef_u, degree, shift, scale):
     return np.array([v / den for v in num.ravel().tolist()]).reshape(c.shape[0], -1)
 
 
-def _monomials(coords, degree):
-    """``(npoints, M)`` monomials of ``coords`` (one 1-D array per axis), flat term order."""
+def monomials(coords, degree):
+    """``(M, npoints)`` monomials of ``coords`` (one 1-D array per axis), flat term order.
+
+    Row ``k`` is the term of :func:`exponents` row ``k`` (the tensor set of
+    ``degree``), from powers by repeated multiplication.
+    """
     e = exponents(degree)
-    cols = np.ones((coords[0].size, e.shape[0]))
+    out = np.ones((e.shape[0], np.size(coords[0])))
     for j, x in enumerate(coords):
-        pw = np.ones((cols.shape[0], int(degree[j]) + 1))
-        for k in range(1, pw.shape[1]):
-            pw[:, k] = pw[:, k - 1] * x
-        cols *= pw[:, e[:, j]]
-    return cols
+        x = np.asarray(x, dtype=float).ravel()
+        pw = np.ones((int(degree[j]) + 1, x.size))
+        for k in range(1, pw.shape[0]):
+            pw[k] = pw[k - 1] * x
+        out *= pw[e[:, j]]
+    return out
 
 
 def basis_loss(coef_u, coef_x, degree, shift, scale, samples):
@@ -300,10 +305,10 @@ def basis_loss(coef_u, coef_x, degree, shift, scale, samples):
         return 0.0, 0.0, 0.0
     u = [(np.asarray(x, dtype=float) - s0) / s1 for x, s0, s1 in zip(samples, shift, scale)]
     # einsum (no BLAS): a small product, which a threaded BLAS makes slow
-    fit = np.einsum("nm,pm->np", coef_u, _monomials(u, degree))
+    fit = np.einsum("nm,mp->np", coef_u, monomials(u, degree))
     with np.errstate(over="ignore", invalid="ignore"):
-        got = np.einsum("nm,pm->np", np.asarray(coef_x, dtype=float),
-                        _monomials(samples, degree))
+        got = np.einsum("nm,mp->np", np.asarray(coef_x, dtype=float),
+                        monomials(samples, degree))
         diff = np.abs(got - fit)
     loss = float(np.max(np.where(np.isnan(diff), np.inf, diff)))
     return loss, float(np.max(np.ptp(fit, axis=1))), float(np.max(np.abs(fit)))

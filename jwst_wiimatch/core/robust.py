@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .coords import call_image2world
+from .poly import monomials
 
 __all__ = ["RobustOptions", "RobustPass", "check_robust", "dilate", "dilate_flat", "absurd_mask"]
 
@@ -372,18 +373,6 @@ def _pair_cells(sl, sm, stride, c, deg=None):
     return med, weight, centres, scale, typ, cnt
 
 
-def _monomials(u, deg):
-    """``(prod(deg + 1), n)`` monomials of scaled coordinates ``u`` (C order over exponents)."""
-    from .accumulate import _powers
-
-    n = u[0].size
-    pows = [_powers(a, d) for a, d in zip(u, deg)]
-    phi = pows[0]
-    for p in pows[1:]:
-        phi = (phi[:, None, :] * p[None, :, :]).reshape(-1, n)
-    return phi
-
-
 def _to_u(frame, pix):
     """Scaled coordinates of pixel positions (one array per numpy axis), ``(x, y, ...)``."""
     nd = frame.ndim
@@ -518,7 +507,7 @@ def robust_start(prob, frame, samples, stride, solve, threads=1):
     u = _to_u(frame, allc)
     fin = np.logical_and.reduce([np.isfinite(a) for a in u])
     u = [np.where(fin, a, 0.0) for a in u]
-    phi, phid = _monomials(u, mdeg), _monomials(u, deg)
+    phi, phid = monomials(u, mdeg), monomials(u, deg)
     mshape, dshape = tuple(d + 1 for d in mdeg), tuple(d + 1 for d in deg)
     slices, pos = [], 0
     for p in parts:

@@ -31,7 +31,7 @@ from scipy import linalg
 
 from .accumulate import BLOCK_PIXELS, _intersect, _prepare_image, block_shape, valid_box
 from .coords import call_image2world
-from .poly import coef_from_scaled, exponents
+from .poly import coef_from_scaled, exponents, monomials
 
 __all__ = ["noise_covariance_b", "solution_map", "coefficient_covariance", "zeroed_terms"]
 
@@ -81,16 +81,6 @@ def _lattice_u(frame, idx):
             for w, c, s0, s1 in zip(world, frame.eff_center, frame.shift, frame.scale)]
 
 
-def _monomials(u, exps):
-    """``(M, npts)`` monomials (flat term order) of scaled coordinates ``u``."""
-    x = np.ones((len(exps), u[0].size))
-    for k, p in enumerate(exps):
-        for c, e in zip(u, p):
-            if e:
-                x[k] *= c ** int(e)
-    return x
-
-
 def _read_shifted(prob, l, gbox, block, st, off, shift):
     """Data and variance of image ``l`` at the lattice points of ``block`` moved by ``shift``.
 
@@ -116,8 +106,7 @@ def _read_shifted(prob, l, gbox, block, st, off, shift):
     return d, var
 
 
-def _robust_weights(w, prob, frame, rpass, ids, boxes, block, st, off, cover, exps, d0,
-                    var0):
+def _robust_weights(w, prob, frame, rpass, ids, boxes, block, st, off, cover, d0, var0):
     """Multiply the pair weights ``w`` (``(q, q, npts)``) by the final pass's factors.
 
     Reproduces what the accumulation does in the pass ``rpass`` (a
@@ -143,7 +132,7 @@ def _robust_weights(w, prob, frame, rpass, ids, boxes, block, st, off, cover, ex
             ok = np.logical_and.reduce([np.isfinite(c) for c in u])
             var = np.where(ok, var, np.inf)
             u = [np.where(ok, c, 0.0) for c in u]
-        return d - coef @ _monomials(u, exps), var
+        return d - coef @ monomials(u, prob.degree), var
 
     def normalised(e, var, a):  # squared normalised residuals of pairs (a, b > a)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -221,13 +210,13 @@ def noise_covariance_b(prob, frame, stride=None, robust=None):
             ok = np.logical_and.reduce([np.isfinite(c) for c in u])
             var[:, ~ok] = np.inf
             u = [np.where(ok, c, 0.0) for c in u]
-        x = _monomials(u, exps)
+        x = monomials(u, prob.degree)
         with np.errstate(divide="ignore"):
             w = 1.0 / (var[:, None, :] + var[None, :, :])  # 0 where either is invalid
         if robust is not None:
             d0 = np.stack([d.ravel()[cover] for d, _ in dv])
             _robust_weights(w, prob, frame, robust, ids, boxes, block, st, off, cover,
-                            exps, d0, var)
+                            d0, var)
         q = len(live)
         w[np.arange(q), np.arange(q)] = 0.0
         g = -w
