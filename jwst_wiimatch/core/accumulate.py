@@ -972,8 +972,6 @@ def _accumulate(prob, frame, pool, client=None, robust=None):
                          prob.origins))
     acc = _Accumulator(prob, frame, bboxes, robust)
 
-    nmom = int(np.prod([2 * d + 1 for d in prob.degree]))
-    ndat = int(np.prod([d + 1 for d in prob.degree]))
     # a block holds data, variance and validity (float64) of each image
     max_pix = min(BLOCK_PIXELS, max(4096, BLOCK_BYTES // (24 * n)))
     if not frame.separable:
