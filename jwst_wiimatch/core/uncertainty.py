@@ -232,8 +232,7 @@ def noise_covariance_b(prob, frame, stride=None, robust=None):
             f * amat.transpose(0, 2, 1, 3).reshape(n * nt, n * nt))
 
 
-def solution_map(a, n, components, fixed=None, held_first=True, tol=None, terms=None,
-                 zeroed=None):
+def solution_map(a, n, components, fixed=None, terms=None, zeroed=None):
     """Linear map ``L`` with ``coef_u.ravel() = L b`` as :func:`.solve.solve_system` solves.
 
     Per group of two or more images, the estimator is the least-squares
