@@ -35,7 +35,9 @@ def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
         Images (1-D, 2-D, 3-D, ...) on one common pixel grid: all of one shape,
         at least one pixel along every axis. Any real dtype; sums are
         accumulated in float64 (64-bit integer images all within ``2**53`` of
-        each other are kept exact by a common offset).
+        each other are kept exact by a common offset). Arrays read by parts
+        (files read on demand, dask arrays) are accepted too: see
+        :func:`jwst_wiimatch.core.match_backgrounds`.
     masks : list of array_like or None, None, optional
         One per image; nonzero elements mark valid pixels; a ``None`` entry
         means every pixel of that image is valid. ``None``: all valid.

@@ -53,7 +53,7 @@ from .core.poly import coef_from_scaled
 from .core.robust import absurd_mask, source_mask
 from .models import frame as fr
 from . import report
-from .models import boxread, pixels, records
+from .models import boxread, pixels, records, scratch
 from .models.library import (borrow_member, member_file, member_label, model_group_id,
                               open_member)
 
@@ -353,7 +353,21 @@ def _eq_sigma(red):
     """
     if red.sigma_eq is not None or red.sigma is None:
         return red.sigma_eq
-    return np.where(np.asarray(red.sigma) > 0, 1.0, 0.0)
+    return scratch.positive_as_one(red.sigma)
+
+
+def _spill(red, store):
+    """Move ``red``'s cutouts into scratch files of ``store`` (None: keep them)."""
+    if store is None:
+        return red
+    done = {}
+    for key in ("data_eq", "data", "sigma", "sigma_eq"):
+        arr = getattr(red, key)
+        if isinstance(arr, np.ndarray):
+            if id(arr) not in done:  # data and data_eq may be one array
+                done[id(arr)] = store.put(arr)
+            setattr(red, key, done[id(arr)])
+    return red
 
 
 def _select_weights(reduced, usable, names):
@@ -603,53 +617,62 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
         log.info("wiimatch: binning applies to 2-D images; cubes are matched per pixel")
     log.info("wiimatch: reading %d models (%s)", len(library),
              f"{b}x{b} blocks" if b > 1 else "every pixel")
-    reduced = map_models(library, lambda m, k: _reduce_grid_model(m, k, dqflags, b, checker,
-                                                                  equal=robust is not None,
-                                                                  sources=sources),
-                         modify=False, threads=threads, progress="read", client=client,
-                         read_only=True, opener=boxread.open_boxed)
-    grid_shape = tuple(-(-n // b) for n in checker.shape) if b > 1 else checker.shape
-    groups = _grid_groups(reduced, groups)
-    shared = [g for g in groups if len(g) > 1]
-    if shared:
-        log.info("wiimatch: %d groups of models share one polynomial each (same exposure): "
-                 "%s", len(shared), "; ".join(
-                     "[" + ", ".join(reduced[k].name for k in g) + "]" for g in shared))
+    # every pixel: the cutouts go to scratch files as soon as each model is
+    # reduced, and the engine reads them by parts (not with a dask cluster,
+    # whose workers may not see this machine's temporary directory)
+    with (scratch.ScratchStore() if b == 1 and client is None
+          else contextlib.nullcontext()) as store:
+        def reduce(model, k):
+            return _spill(_reduce_grid_model(model, k, dqflags, b, checker,
+                                             equal=robust is not None, sources=sources), store)
 
-    if lattice is not None:
-        def image2world(*pix):  # matching-grid cells -> frame coordinates
-            x, y = (np.asarray(p, dtype=np.float64) * b + (b - 1) / 2.0 for p in pix)
-            return lattice.points(x, y)
-    elif b > 1:  # pragma: no cover - 2-D grids without a smooth frame
-        def image2world(*pix):
-            return func(*(np.asarray(p, dtype=np.float64) * b + (b - 1) / 2.0 for p in pix))
-    else:
-        image2world = func
+        reduced = map_models(library, reduce, modify=False, threads=threads, progress="read",
+                             client=client, read_only=True, opener=boxread.open_boxed)
+        if store is not None and store.nbytes:
+            log.info("wiimatch: the per-pixel cutouts (%.0f MB) wait in scratch files in %s "
+                     "until the match is done", store.nbytes / 1e6, store.path)
+        grid_shape = tuple(-(-n // b) for n in checker.shape) if b > 1 else checker.shape
+        groups = _grid_groups(reduced, groups)
+        shared = [g for g in groups if len(g) > 1]
+        if shared:
+            log.info("wiimatch: %d groups of models share one polynomial each (same exposure): "
+                     "%s", len(shared), "; ".join(
+                         "[" + ", ".join(reduced[k].name for k in g) + "]" for g in shared))
 
-    frame = fr.FRAME_CUBE if ndim == 3 else fr.FRAME
+        if lattice is not None:
+            def image2world(*pix):  # matching-grid cells -> frame coordinates
+                x, y = (np.asarray(p, dtype=np.float64) * b + (b - 1) / 2.0 for p in pix)
+                return lattice.points(x, y)
+        elif b > 1:  # pragma: no cover - 2-D grids without a smooth frame
+            def image2world(*pix):
+                return func(*(np.asarray(p, dtype=np.float64) * b + (b - 1) / 2.0 for p in pix))
+        else:
+            image2world = func
 
-    def engine(images, sigmas, origins, **level_args):
-        nonlocal degree, terms
-        res = match_backgrounds(
-            images, masks=None, sigmas=sigmas, degree=degree, center=(0.0,) * ndim,
-            image2world=image2world, center_cs="world", solver=solver, threads=threads,
-            origins=origins, grid_shape=grid_shape, client=client, terms=terms,
-            **level_args, **(robust or {}))
-        degree, terms = res.degree, res.terms  # the chosen ones with degree='auto'
-        return res
+        frame = fr.FRAME_CUBE if ndim == 3 else fr.FRAME
 
-    diag = {}
-    if not shared:
-        outcomes, components = _solve(reduced, engine, lambda c: c, level=level, diag=diag)
-    else:
-        gred = [_combine_grid_group([reduced[k] for k in g]) for g in groups]
-        outcomes, components = _spread(reduced, groups, *_solve(
-            gred, engine, lambda c: c, level=level, members=groups, diag=diag))
-    if is_auto(degree):  # nothing was matched: no degree was chosen
-        degree = (0,) * ndim
-    return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=frame, binning=b,
-                                  grid_shape=grid_shape, groups=components,
-                                  diagnostics=diag or None, terms=check_terms(terms))
+        def engine(images, sigmas, origins, **level_args):
+            nonlocal degree, terms
+            res = match_backgrounds(
+                images, masks=None, sigmas=sigmas, degree=degree, center=(0.0,) * ndim,
+                image2world=image2world, center_cs="world", solver=solver, threads=threads,
+                origins=origins, grid_shape=grid_shape, client=client, terms=terms,
+                **level_args, **(robust or {}))
+            degree, terms = res.degree, res.terms  # the chosen ones with degree='auto'
+            return res
+
+        diag = {}
+        if not shared:
+            outcomes, components = _solve(reduced, engine, lambda c: c, level=level, diag=diag)
+        else:
+            gred = [_spill(_combine_grid_group([reduced[k] for k in g]), store) for g in groups]
+            outcomes, components = _spread(reduced, groups, *_solve(
+                gred, engine, lambda c: c, level=level, members=groups, diag=diag))
+        if is_auto(degree):  # nothing was matched: no degree was chosen
+            degree = (0,) * ndim
+        return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=frame, binning=b,
+                                      grid_shape=grid_shape, groups=components,
+                                      diagnostics=diag or None, terms=check_terms(terms))
 
 
 def _spread(reduced, groups, goutcomes, gcomponents):

@@ -106,6 +106,7 @@ def valid_box(mask, shape, origin):
         return None
     if mask is None:
         return tuple((o, o + n) for o, n in zip(origin, shape))
+    mask = np.asarray(mask)  # a mask read by parts: whole, one at a time
     nz = mask if mask.dtype == bool else mask != 0
     box = []
     for k in range(nz.ndim):

@@ -170,6 +170,29 @@ def _footprint_variance(prob, frame, cands, dmax):
     return np.array(out), sw
 
 
+class _FoldMask:
+    """The mask of one image within fold ``k``, read by parts (see `.inputs.PartsArray`).
+
+    ``labels`` are the grid's fold labels; the image (of ``shape``) starts at
+    grid index ``origin``; ``base`` is its own mask or None.
+    """
+
+    dtype = np.dtype(bool)
+
+    def __init__(self, labels, k, origin, shape, base):
+        self.labels, self.k, self.origin, self.base = labels, k, tuple(origin), base
+        self.shape = tuple(shape)
+
+    def __getitem__(self, key):
+        grid_key = tuple(slice((s.start or 0) + o, (s.stop if s.stop is not None else n) + o,
+                               s.step)
+                         for s, o, n in zip(key, self.origin, self.shape))
+        lab = self.labels[grid_key] == self.k
+        if self.base is not None:
+            lab &= np.asarray(self.base[key], dtype=bool)
+        return lab
+
+
 def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
                   candidates=DEGREE_CANDIDATES, moments_fn=None, solve_fn=None,
                   origins=None, grid_shape=None, terms=None, frame_fn=None):
@@ -209,8 +232,8 @@ def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
         normalised chi-square, 1.0 = noise, when the sigmas are right); NaN
         for a candidate not tried.
     """
-    ndim = np.ndim(images[0])
     prob = check_inputs(images, masks, sigmas, 0, origins=origins, grid_shape=grid_shape)
+    ndim = len(prob.shape)
     shape = prob.shape
     if block is None:
         block = int(max(4, min(BLOCK_MAX, min(shape) // BLOCK_DIV)))
@@ -219,14 +242,9 @@ def choose_degree(images, masks, sigmas, nfolds=NFOLDS, block=None,
     dmax = max(candidates)
     cands = candidate_polynomials(ndim, candidates, terms)
 
-    def fold_masks(k):  # built one fold at a time: memory of one set of masks
-        fm = []
-        for i, im in enumerate(prob.images):
-            o = prob.origins[i] if prob.origins is not None else (0,) * ndim
-            lab = labels[tuple(slice(a, a + s) for a, s in zip(o, im.shape))] == k
-            base = prob.masks[i]
-            fm.append(lab if base is None else (np.asarray(base, bool) & lab))
-        return fm
+    def fold_masks(k):  # read by parts: no mask of a whole image is held
+        return [_FoldMask(labels, k, prob.origins[i], im.shape, prob.masks[i])
+                for i, im in enumerate(prob.images)]
 
     top = (dmax,) * ndim
     with warnings.catch_warnings():

@@ -12,8 +12,8 @@ import numpy as np
 
 from .accumulate import _n_threads, accumulate
 from .coords import make_frame
-from .inputs import (check_center, check_inputs, check_solver, common_sigma_scale,
-                     sigma_unusable)
+from .inputs import (_as_real_array, check_center, check_inputs, check_solver,
+                     common_sigma_scale, sigma_unusable)
 from .degree import choose_degree, is_auto
 from .diagnostics import fit_diagnostics
 from .levels import check_level_args, image_means, level_shifts, pick_extreme
@@ -293,6 +293,16 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
     the common grid (``origins``): each image is then only the box of the
     grid it covers, which keeps memory proportional to the footprints.
 
+    Images, masks and sigma arrays may also be *read by parts*: besides
+    numpy arrays (memory-mapped ones included), any object with ``shape``,
+    ``dtype`` and numpy-style slicing by a tuple of slices (a reader of
+    your files, an h5py or zarr dataset, a dask array) is read block by
+    block of the grid and never held whole, except transiently, one image
+    at a time, for a few whole-image checks. Memory then stays a few blocks
+    per image in flight plus the pair sums, whatever the number of images
+    (see :class:`jwst_wiimatch.core.inputs.PartsArray`); the result is the
+    one of the same values given as arrays.
+
     Parameters
     ----------
     threads : int, None
@@ -457,7 +467,7 @@ def match_backgrounds(images, masks=None, sigmas=None, degree=0, center=None,
 
 def _auto_degree(images, masks, sigmas, method, kw, terms=None):
     """``degree='auto'``: ``(degree, terms, scores)`` chosen by :func:`.degree.choose_degree`."""
-    tol = pinv_tol(np.asarray(images[0]).dtype) if method == "PINV" else None
+    tol = pinv_tol(_as_real_array(images[0], "images[0]").dtype) if method == "PINV" else None
 
     def moments_fn(fold_masks, deg):
         return build_moments(images, fold_masks, sigmas, deg, **kw)[2]

@@ -13,7 +13,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-__all__ = ["Problem", "check_inputs", "check_degree", "check_center", "check_solver",
+__all__ = ["Problem", "PartsArray", "check_inputs", "check_degree", "check_center", "check_solver",
            "check_origins", "check_size", "MatchWarning"]
 
 SOLVERS = ("RLU", "PINV")
@@ -55,9 +55,77 @@ class Problem:
     terms: object = None
 
 
+class PartsArray:
+    """An input array that the engine reads by parts (blocks, strided samples).
+
+    Wraps any object with ``shape``, ``dtype`` and numpy-style indexing by a
+    tuple of slices (``obj[slices]`` returning an array): memory-mapped
+    files, h5py datasets, zarr arrays, dask arrays, or a reader of your own.
+    The engine then never holds more than a block of the grid of it at
+    once, except for a transient whole read of one image at a time for a
+    few checks (``np.asarray`` of this object reads it whole).
+    """
+
+    def __init__(self, src, what):
+        self.src = src
+        self.shape = tuple(int(n) for n in src.shape)
+        self.dtype = np.dtype(src.dtype)
+        self.ndim = len(self.shape)
+        self.size = math.prod(self.shape)
+        self.what = what
+
+    def __getitem__(self, key):
+        """The part ``key`` (a tuple of one slice per axis), as a numpy array."""
+        arr = np.asarray(self.src[key])
+        want = tuple(len(range(*k.indices(n))) for k, n in zip(key, self.shape))
+        if arr.shape != want:
+            raise ValueError(
+                f"{self.what}: reading the part {_show(key)} gave an array of shape "
+                f"{arr.shape}, not {want}: its reader does not slice like a numpy array "
+                f"of its declared shape {self.shape}; pass a numpy array instead."
+            )
+        if arr.dtype != self.dtype:  # e.g. a reader that scales on the way
+            arr = arr.astype(self.dtype)
+        return arr
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[(slice(None),) * self.ndim]
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def __len__(self):
+        return self.shape[0]
+
+
+def _show(key):
+    """``[a:b, c:d:s]`` for a tuple of slices."""
+    parts = []
+    for k in key:
+        txt = f"{'' if k.start is None else k.start}:{'' if k.stop is None else k.stop}"
+        parts.append(txt if k.step in (None, 1) else f"{txt}:{k.step}")
+    return "[" + ", ".join(parts) + "]"
+
+
+def _read_by_parts(x):
+    """True for array-likes the engine reads by slicing: not numpy arrays or lists,
+    with ``__getitem__``, a shape of ints and a numpy dtype (others, such as
+    tensors of other libraries, are converted whole with ``np.asarray``)."""
+    if isinstance(x, (np.ndarray, list, tuple)) or not hasattr(x, "__getitem__"):
+        return False
+    try:
+        tuple(int(n) for n in x.shape)
+        np.dtype(x.dtype)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return True
+
+
 def _as_real_array(x, what):
     if isinstance(x, np.ndarray):
         arr = x
+    elif isinstance(x, PartsArray):
+        arr = x
+    elif _read_by_parts(x):
+        arr = PartsArray(x, what)
     else:
         try:
             arr = np.asarray(x)
@@ -285,6 +353,7 @@ class OffsetInteger:
 
 def _int_range(arr, mask):
     """(min, max) as Python ints over the pixels ``mask`` marks valid, or None."""
+    arr = np.asarray(arr)  # arrays read by parts: whole, one image at a time
     if mask is None:
         if arr.size == 0:
             return None
@@ -369,7 +438,7 @@ def sigma_unusable(k, sigma, mask):
         if sigma > 0 and np.isfinite(sigma):
             return None
         return f"sigmas[{k}] = {sigma!r} is not a positive finite number"
-    if np.asarray(sigma).size == 0 or _sigma_range(sigma, mask)[0]:
+    if math.prod(np.shape(sigma)) == 0 or _sigma_range(sigma, mask)[0]:
         return None
     where = "every pixel" if mask is None else "every pixel the mask marks valid"
     return f"sigmas[{k}] is zero, negative or non-finite at {where}"

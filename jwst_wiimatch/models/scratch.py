@@ -1,0 +1,112 @@
+"""Scratch files for the per-pixel cutouts of ``binning=1`` matching.
+
+With ``binning=1`` each model is reduced to a cutout of the common grid (its
+data and sigma over the box its valid pixels occupy), and the engine needs
+all of them. Held in memory they would take 8 bytes per pixel of every
+model's box: N x footprint, several GB for a few hundred singles. Instead,
+each cutout is written to a file in the system temporary directory as soon
+as its model is reduced, and the engine reads the files by parts
+(:class:`~jwst_wiimatch.core.inputs.PartsArray`): every read maps the file,
+copies the part asked for and unmaps it, so the process holds one block of
+the grid per image at a time, not the files.
+
+The files live in one temporary directory per run, removed when the run
+ends (also on errors).
+"""
+import itertools
+import logging
+import os
+import tempfile
+import threading
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ScratchStore", "ScratchArray", "positive_as_one"]
+
+
+class ScratchArray:
+    """A 2-D (or N-D) array kept in a ``.npy`` file, read by parts.
+
+    ``arr[slices]`` returns a copy of that part (numpy array); ``shape``
+    and ``dtype`` are the array's. Nothing of the file stays mapped between
+    reads.
+    """
+
+    def __init__(self, path, shape, dtype):
+        self.path = path
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
+        mm = np.load(self.path, mmap_mode="r")
+        try:
+            return np.array(mm[key])
+        finally:
+            del mm  # unmapped: the copy is all that stays
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[(slice(None),) * self.ndim]
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+class _Positive:
+    """1.0 where an array read by parts is > 0, else 0.0 (float64), read by parts."""
+
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, src):
+        self.src = src
+        self.shape = tuple(src.shape)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
+        return (np.asarray(self.src[key]) > 0).astype(np.float64)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[(slice(None),) * self.ndim]
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+def positive_as_one(arr):
+    """1.0 where ``arr`` > 0, else 0.0: an array, or for a scratch array one read by parts."""
+    if isinstance(arr, (ScratchArray, _Positive)):
+        return _Positive(arr)
+    return np.where(np.asarray(arr) > 0, 1.0, 0.0)
+
+
+class ScratchStore:
+    """A temporary directory of cutout files for one run (a context manager).
+
+    ``put(arr)`` writes ``arr`` to a new file and returns a
+    :class:`ScratchArray` reading it; the directory and its files are
+    removed on ``close`` (or leaving the ``with`` block).
+    """
+
+    def __init__(self, prefix="wiimatch-"):
+        self._dir = tempfile.TemporaryDirectory(prefix=prefix)
+        self.path = self._dir.name
+        self._names = itertools.count(1)  # next() is atomic: one name per call
+        self._lock = threading.Lock()
+        #: bytes written so far
+        self.nbytes = 0
+
+    def put(self, arr):
+        arr = np.ascontiguousarray(arr)
+        name = os.path.join(self.path, f"cutout-{next(self._names):06d}.npy")
+        np.save(name, arr, allow_pickle=False)
+        with self._lock:
+            self.nbytes += arr.nbytes
+        return ScratchArray(name, arr.shape, arr.dtype)
+
+    def close(self):
+        self._dir.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
