@@ -12,6 +12,7 @@ Usage::
     python benchmarks/bench_match.py            # the full table (~4 minutes)
     python benchmarks/bench_match.py --quick    # ours only, no reference
     python benchmarks/bench_match.py --threads-world   # issue 7's ratios only
+    python benchmarks/bench_match.py --contention      # the machine's 2-thread ceiling
 
 Both print the time of robust matching (``robust='clip'``) against plain least
 squares on the same inputs, run after run (issue 8's target: at most 3x).
@@ -177,6 +178,61 @@ def threads_world(degrees=(1, 2)):
     return out
 
 
+def contention_worker(mode, start, degree=1, runs=3):
+    """One-thread matches (N=10, 2048^2) from ``start`` (epoch s): ``mode`` 'one' runs
+    them in this thread, 'threads' in two threads at once; prints the seconds."""
+    os.environ["JWST_WIIMATCH_THREADS"] = "1"
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jwst_wiimatch.match import match_lsq
+
+    images, masks, sigmas = make_inputs(10, 2048, 0)
+
+    def work(_=None):
+        for _ in range(runs):
+            match_lsq(images, masks, sigmas, degree=degree)
+
+    work()  # warm
+    time.sleep(max(0.0, start - time.time()))
+    t0 = time.perf_counter()
+    if mode == "threads":
+        with ThreadPoolExecutor(2) as ex:
+            list(ex.map(work, range(2)))
+    else:
+        work()
+    print(json.dumps(dict(time=time.perf_counter() - t0)))
+
+
+def contention(degree=1, runs=3):
+    """How far the machine lets two one-thread matches run side by side.
+
+    Throughput of two concurrent one-thread matches, against one alone: in
+    two processes (no interpreter lock shared: what the caches and memory
+    allow) and in two threads of one process (what the engine's threads can
+    reach at best).
+    """
+    def launch(mode, copies):
+        start = time.time() + 25.0  # after both have built their inputs
+        procs = [subprocess.Popen([sys.executable, HERE, "--contention-worker", mode,
+                                   repr(start), str(degree), str(runs)],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(copies)]
+        return [json.loads(p.communicate()[0].strip().splitlines()[-1])["time"]
+                for p in procs]
+
+    wait_quiet()
+    alone = launch("one", 1)[0]
+    wait_quiet()
+    procs = max(launch("one", 2))
+    wait_quiet()
+    threads = launch("threads", 1)[0]
+    print(f"two one-thread matches at once (degree {degree}, N=10 2048^2, {runs} runs "
+          f"each): one alone {alone:.2f} s")
+    print(f"  in two processes: {procs:.2f} s, throughput {2 * alone / procs:.2f}x one")
+    print(f"  in two threads of one process: {threads:.2f} s, throughput "
+          f"{2 * alone / threads:.2f}x one")
+    return dict(alone=alone, processes=procs, threads=threads)
+
+
 def rel_diff(c1, c2):
     return float(np.max(np.abs(c1 - c2)) / np.max(np.abs(c2)))
 
@@ -186,8 +242,16 @@ def main():
     p.add_argument("--quick", action="store_true", help="ours only, no reference runs")
     p.add_argument("--threads-world", action="store_true",
                    help="only the world/image ratios and 2-thread speed-ups (issue 7)")
+    p.add_argument("--contention", action="store_true",
+                   help="only: two one-thread matches side by side, in two processes "
+                        "and in two threads (the ceiling of the 2-thread speed-up)")
     p.add_argument("--worker", nargs=9, help=argparse.SUPPRESS)
+    p.add_argument("--contention-worker", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.contention_worker:
+        mode, start, deg, runs = args.contention_worker
+        contention_worker(mode, float(start), int(deg), int(runs))
+        return
     if args.worker:
         impl, deg, n, size, w, seed, repeat, threads, robust = args.worker
         worker(impl, int(deg), int(n), int(size), bool(int(w)), int(seed), int(repeat),
@@ -200,6 +264,9 @@ def main():
           f"{os.cpu_count()} CPUs")
     if args.threads_world:
         threads_world()
+        return
+    if args.contention:
+        contention()
         return
     print("\nN=10 float32 images 2048x2048, masks = offset squares (40% of the grid), "
           "float32 sigmas, RLU")
