@@ -22,10 +22,7 @@ from jwst_wiimatch.core.diagnostics import fit_diagnostics
 from jwst_wiimatch.core.solve import assemble, solve_system
 from jwst_wiimatch.step import WiiMatchStep
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     "benchmarks")
-sys.path.insert(0, BENCH)
-import junk_data as jd  # noqa: E402
+import junk_data as jd  # benchmarks/ is on pytest's pythonpath
 
 SHAPE = (40, 48)
 BOXES = [(0, 0, 28, 30), (8, 12, 40, 44), (14, 2, 36, 26), (2, 20, 24, 48)]

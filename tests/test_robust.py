@@ -8,8 +8,6 @@ is unchanged.
 """
 
 import logging
-import os
-import sys
 import warnings
 
 import numpy as np
@@ -19,11 +17,8 @@ from jwst_wiimatch.core import MatchWarning, match_backgrounds, polyval_nd
 from jwst_wiimatch.core.robust import check_robust, dilate, dilate_flat, source_mask
 from jwst_wiimatch.match import match_lsq
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     "benchmarks")
-sys.path.insert(0, BENCH)
-import bench_robust as br  # noqa: E402
-import junk_data as jd  # noqa: E402
+import bench_robust as br  # benchmarks/ is on pytest's pythonpath
+import junk_data as jd  # benchmarks/ is on pytest's pythonpath
 
 SHAPE = (96, 96)
 SEEDS = (0, 1, 2)
@@ -297,3 +292,45 @@ def test_step_records_robust_fields():
     with pytest.raises(ValueError, match="robust="):
         WiiMatchStep.call([m.copy() for m in case.models], configure_log=False,
                           robust="median")
+
+
+def _cosmic_ray_field(seed=2, n=5, shape=(300, 320)):
+    """Overlapping images with hundreds of cosmic rays each, everywhere."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    imgs, sigs, masks = [], [], []
+    for _ in range(n):
+        im = rng.normal(2, 1) + 1e-3 * xx * rng.normal() + 0.05 * rng.standard_normal(shape)
+        ys, xs = rng.integers(0, shape[0], 400), rng.integers(0, shape[1], 400)
+        im[ys, xs] += rng.uniform(1, 20, 400)
+        m = np.zeros(shape, bool)
+        y0, x0 = rng.integers(0, 100, 2)
+        m[y0:y0 + 200, x0:x0 + 220] = True
+        imgs.append(im)
+        sigs.append(np.full(shape, 0.05))
+        masks.append(m)
+    return imgs, masks, sigs
+
+
+@pytest.mark.parametrize("grow", [1, 2])
+@pytest.mark.parametrize("world", [False, True])
+def test_rejections_do_not_depend_on_block_cuts(monkeypatch, grow, world):
+    """A rejected pixel takes its neighbours within ``grow`` out of the pair's sums
+    also across the edge of an accumulation block: the pixels left out, and so the
+    coefficients, are those of one whole-grid block whatever the block size."""
+    from jwst_wiimatch.core import accumulate as acc_mod
+
+    imgs, masks, sigs = _cosmic_ray_field()
+    kw = dict(masks=masks, sigmas=sigs, degree=1, robust="clip", grow=grow, threads=1)
+    if world:
+        kw["image2world"] = lambda x, y: (150 + 3e-5 * x + 1e-11 * x * y, 2 + 3e-5 * y)
+    monkeypatch.setattr(acc_mod, "BLOCK_PIXELS", 1 << 17)  # the whole grid: one block
+    ref = match_backgrounds(imgs, **kw)
+    assert ref.pair_rejected.sum() > 1000
+    for pixels in (1 << 12, 1000):
+        monkeypatch.setattr(acc_mod, "BLOCK_PIXELS", pixels)
+        got = match_backgrounds(imgs, **kw)
+        np.testing.assert_array_equal(got.pair_rejected, ref.pair_rejected)
+        np.testing.assert_array_equal(got.rejected, ref.rejected)
+        np.testing.assert_allclose(got.coef, ref.coef, rtol=1e-10,
+                                   atol=1e-10 * np.abs(ref.coef).max())

@@ -624,12 +624,15 @@ class _Accumulator:
             W *= self.rob.weight(R)
 
     def _reject(self, seeds, S, T, chi, D, V, polys, eshape, origin, labels, ial, ibl, u,
-                keys):
+                keys, halo=None):
         """Take the rejected pixels of each pair, grown by ``grow``, out of its sums.
 
-        Returns ``(rejected, image_rejected)``: per pair, the pixels left
-        out; per image (all images), the pixels left out of every pair of the
-        block that covers them (every other image valid there).
+        ``halo`` (from :meth:`_halo`): flat indices (pairs x box) of the
+        pixels within ``grow`` of a rejected pixel just outside the box, left
+        out as well. Returns ``(rejected, image_rejected)``: per pair, the
+        pixels left out; per image (all images), the pixels left out of
+        every pair of the block that covers them (every other image valid
+        there).
         """
         from .robust import dilate_flat
 
@@ -639,11 +642,13 @@ class _Accumulator:
         rejected = np.zeros(P, dtype=np.int64)
         image_rejected = np.zeros(self.n, dtype=np.int64)
         parts = [np.concatenate(sd) + j * npx for j, sd in enumerate(seeds) if sd]
-        if not parts:
+        if not parts and (halo is None or halo.size == 0):
             return rejected, image_rejected
-        flat = np.concatenate(parts)
-        if rob.grow:  # grown within each pair's plane only
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if rob.grow and flat.size:  # grown within each pair's plane only
             flat = dilate_flat(flat, (P,) + tuple(eshape), rob.grow, skip_first=True)
+        if halo is not None and halo.size:
+            flat = np.union1d(flat, halo)
         else:
             flat = np.unique(flat)
         j, idx = np.divmod(flat, npx)
@@ -681,6 +686,92 @@ class _Accumulator:
         if alls.any():
             np.add.at(image_rejected, np.asarray(labels)[img[alls]], 1)
         return rejected, image_rejected
+
+    def _halo(self, ebox, labels, ial, ibl, t2v):
+        """Pixels of ``ebox`` that rejected pixels just outside it take out of its pairs.
+
+        A rejected pixel takes its neighbours within ``grow`` out of the
+        pair's sums. The neighbours of one in the next block lie in this
+        one: the pixels within ``grow`` outside ``ebox`` (a frame of slabs)
+        are tested like the pixels of the box (the pair's normalised
+        residual beyond its threshold, given the pass's polynomials), so
+        that the pixels left out do not depend on where the blocks are cut.
+        Returns flat indices into ``(pairs,) + box shape``, sorted (None:
+        nothing).
+        """
+        g = int(self.rob.grow)
+        nd = len(ebox)
+        outer = tuple((max(0, lo - g), min(n, hi + g)) for (lo, hi), n in
+                      zip(ebox, self.prob.shape))
+        if outer == ebox:
+            return None
+        eshape = tuple(hi - lo for lo, hi in ebox)
+        npx = math.prod(eshape)
+        ia, ib = np.asarray(ial), np.asarray(ibl)
+        offs = np.indices((2 * g + 1,) * nd).reshape(nd, -1, 1) - g
+        found = []
+        for k in range(nd):  # the frame outer - ebox, cut into slabs
+            for a, b in ((outer[k][0], ebox[k][0]), (ebox[k][1], outer[k][1])):
+                if a >= b:
+                    continue
+                slab = tuple(ebox[i] if i < k else (a, b) if i == k else outer[i]
+                             for i in range(nd))
+                hits = self._slab_hits(slab, labels, ia, ib, t2v)
+                if hits is None:
+                    continue
+                j, pts = hits  # pairs, grid coordinates (nd, nhit)
+                near = pts[:, None, :] + offs  # (nd, noff, nhit)
+                lo = np.array([lo for lo, _ in ebox]).reshape(nd, 1, 1)
+                hi = np.array([hi for _, hi in ebox]).reshape(nd, 1, 1)
+                inside = np.all((near >= lo) & (near < hi), axis=0)  # (noff, nhit)
+                if not inside.any():
+                    continue
+                jj = np.broadcast_to(j, inside.shape)[inside]
+                loc = tuple((near[i] - lo[i])[inside] for i in range(nd))
+                found.append(jj * npx + np.ravel_multi_index(loc, eshape))
+        if not found:
+            return None
+        return np.unique(np.concatenate(found))
+
+    def _slab_hits(self, slab, labels, ia, ib, t2v):
+        """Pairs and grid pixels of ``slab`` (outside the block) beyond the pairs' thresholds."""
+        sshape = tuple(hi - lo for lo, hi in slab)
+        m = math.prod(sshape)
+        k = len(labels)
+        D = np.zeros((k, m))
+        V = np.full((k, m), np.inf)
+        any_valid = np.zeros(k, dtype=bool)
+        for i, l in enumerate(labels):
+            box = _intersect(self.bboxes[l], slab)
+            if box is None:
+                continue
+            d, var, valid, _ = _prepare_image(self.prob, l, box)
+            sub = _slices(box, tuple(lo for lo, _ in slab))
+            Di, Vi = D[i].reshape(sshape), V[i].reshape(sshape)
+            Di[sub] = np.where(valid, d, 0.0)
+            Vi[sub] = np.where(valid, var, np.inf)
+            any_valid[i] = valid.any()
+        live = any_valid[ia] & any_valid[ib]
+        if not live.any():
+            return None
+        u = ok = None
+        if not self.frame.separable:
+            u = [a.ravel() for a in self.frame.block_u(_slices(slab))]
+            ok = np.logical_and.reduce([np.isfinite(a) for a in u])
+            V[:, ~ok] = np.inf
+            if ok.all():
+                ok = None
+        resid = D - self._image_polys(labels, slab, u, ok)
+        sel = np.flatnonzero(live)
+        with np.errstate(invalid="ignore"):
+            r2 = (resid[ia[sel]] - resid[ib[sel]]) ** 2 / (V[ia[sel]] + V[ib[sel]])
+        hit = r2 > t2v[sel, None]
+        if not hit.any():
+            return None
+        j, idx = np.nonzero(hit)
+        pts = np.stack(np.unravel_index(idx, sshape)) + \
+            np.array([lo for lo, _ in slab]).reshape(-1, 1)
+        return sel[j], pts
 
     def block(self, bslices):
         n = self.n
@@ -890,8 +981,12 @@ class _Accumulator:
             S[:, self.mono_order] = S.copy()
             T[:, self.dmono_order] = T.copy()
         if rob is not None:
+            halo = None
+            if rob.grow and np.isfinite(t2v).any():
+                halo = self._halo(ebox, labels, ial, ibl, t2v)
             rejected, image_rejected = self._reject(
-                seeds, S, T, chi, D, V, polys, eshape, origin, labels, ial, ibl, u, keys)
+                seeds, S, T, chi, D, V, polys, eshape, origin, labels, ial, ibl, u, keys,
+                halo)
             return _BlockSums(keys, S, T, chi, npix, image_npix, nonfinite, bad_coords,
                               rejected, image_rejected)
         return _BlockSums(keys, S, T, chi, npix, image_npix, nonfinite, bad_coords)
