@@ -195,6 +195,11 @@ def _residuals(mom, coef_u, degree):
     return rms_a, rms_b, pair_npix
 
 
+def _frame(shape, center, image2world, center_cs):
+    """The coordinate frame of a grid of ``shape`` for the user's ``center`` arguments."""
+    return make_frame(shape, check_center(center, len(shape)), image2world, center_cs)
+
+
 def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
                   center_cs="image", threads=None, origins=None, grid_shape=None,
                   client=None, robust=None, max_abs=None, solver="RLU", terms=None):
@@ -214,8 +219,7 @@ def build_moments(images, masks, sigmas, degree, center=None, image2world=None,
     prob = check_inputs(images, masks, sigmas, degree, origins=origins,
                         grid_shape=grid_shape)
     prob.terms = term_mask(prob.degree, terms)
-    center = check_center(center, len(prob.shape))
-    frame = make_frame(prob.shape, center, image2world, center_cs)
+    frame = _frame(prob.shape, center, image2world, center_cs)
     log.debug("accumulating %d images of shape %s, degree %s",
               len(prob.images), prob.shape, prob.degree)
     if robust is None and max_abs is not None:
@@ -477,8 +481,7 @@ def _auto_degree(images, masks, sigmas, method, kw, terms=None):
                             terms=mask)[0]
 
     def frame_fn(shape):
-        center = check_center(kw["center"], len(shape))
-        return make_frame(shape, center, kw["image2world"], kw["center_cs"])
+        return _frame(shape, kw["center"], kw["image2world"], kw["center_cs"])
 
     return choose_degree(images, masks, sigmas, moments_fn=moments_fn, solve_fn=solve_fn,
                          origins=kw["origins"], grid_shape=kw["grid_shape"], terms=terms,
