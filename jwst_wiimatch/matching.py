@@ -357,7 +357,10 @@ def _eq_sigma(red):
 
 
 def _spill(red, store):
-    """Move ``red``'s cutouts into scratch files of ``store`` (None: keep them)."""
+    """Move ``red``'s matching images (or cell sums) into scratch files of ``store``.
+
+    None: keep them in memory. Returns ``red``.
+    """
     if store is None:
         return red
     done = {}
@@ -367,7 +370,16 @@ def _spill(red, store):
             if id(arr) not in done:  # data and data_eq may be one array
                 done[id(arr)] = store.put(arr)
             setattr(red, key, done[id(arr)])
+    if red.cells is not None:
+        red.cells = {k: store.put(v) if isinstance(v, np.ndarray) else v
+                     for k, v in red.cells.items()}
     return red
+
+
+def _scratch(client):
+    """A scratch store for the run's matching images (not with a dask cluster, whose
+    workers may not see this machine's temporary directory: they stay in memory)."""
+    return scratch.ScratchStore() if client is None else contextlib.nullcontext()
 
 
 def _select_weights(reduced, usable, names):
@@ -617,20 +629,16 @@ def _match_grid(library, degree, refpoint, solver, dqflags, binning, threads, cl
         log.info("wiimatch: binning applies to 2-D images; cubes are matched per pixel")
     log.info("wiimatch: reading %d models (%s)", len(library),
              f"{b}x{b} blocks" if b > 1 else "every pixel")
-    # every pixel: the cutouts go to scratch files as soon as each model is
-    # reduced, and the engine reads them by parts (not with a dask cluster,
-    # whose workers may not see this machine's temporary directory)
-    with (scratch.ScratchStore() if b == 1 and client is None
-          else contextlib.nullcontext()) as store:
+    # the cutouts go to scratch files as soon as each model is reduced, and
+    # the engine reads them by parts: memory does not grow with their number
+    with _scratch(client) as store:
         def reduce(model, k):
             return _spill(_reduce_grid_model(model, k, dqflags, b, checker,
                                              equal=robust is not None, sources=sources), store)
 
         reduced = map_models(library, reduce, modify=False, threads=threads, progress="read",
                              client=client, read_only=True, opener=boxread.open_boxed)
-        if store is not None and store.nbytes:
-            log.info("wiimatch: the per-pixel cutouts (%.0f MB) wait in scratch files in %s "
-                     "until the match is done", store.nbytes / 1e6, store.path)
+        _log_scratch(store, "cutouts")
         grid_shape = tuple(-(-n // b) for n in checker.shape) if b > 1 else checker.shape
         groups = _grid_groups(reduced, groups)
         shared = [g for g in groups if len(g) > 1]
@@ -847,80 +855,90 @@ def _combine_cells(cells_list, keys):
     return _union_sums([(c["origin"], [c[k] for k in keys]) for c in cells_list])
 
 
+def _log_scratch(store, what):
+    if store is not None and store.nbytes:
+        log.info("wiimatch: the models' %s (%.0f MB) wait in scratch files in %s until "
+                 "the match is done", what, store.nbytes / 1e6, store.path)
+
+
 def _match_sky(library, groups, degree, refpoint, solver, dqflags, binning, threads, client,
                level=None, robust=None, sources=None, terms=None):
-    degree = parse_degree(degree, 2)
-    ref, step, binning = _sky_setup(library, refpoint, binning)
-    log.info("wiimatch: reading %d exposures onto a grid of %.3g arcsec cells (%d input "
-             "pixels) in the tangent plane about (%.6f, %.6f)", len(library), step * 3600,
-             binning, ref[0], ref[1])
-    ref_given = refpoint is not None and fr.check_refpoint(refpoint, 2) is not None
-    reduced = map_models(
-        library, lambda m, k: _reduce_sky_model(m, k, dqflags, ref, step, ref_given,
-                                                sources=sources),
-        modify=False, threads=threads, progress="read", client=client, read_only=True)
+    # each exposure's cell sums, then each group's matching image, wait in
+    # scratch files (read back one group at a time, and by parts by the engine)
+    with _scratch(client) as store:
+        degree = parse_degree(degree, 2)
+        ref, step, binning = _sky_setup(library, refpoint, binning)
+        log.info("wiimatch: reading %d exposures onto a grid of %.3g arcsec cells (%d input "
+                 "pixels) in the tangent plane about (%.6f, %.6f)", len(library), step * 3600,
+                 binning, ref[0], ref[1])
+        ref_given = refpoint is not None and fr.check_refpoint(refpoint, 2) is not None
+        reduced = map_models(
+            library, lambda m, k: _spill(_reduce_sky_model(m, k, dqflags, ref, step, ref_given,
+                                                           sources=sources), store),
+            modify=False, threads=threads, progress="read", client=client, read_only=True)
+        _log_scratch(store, "cell sums")
 
-    # ERR weights for all, or equal weights for all when an exposure has no ERR
-    missing = [(r.name, r.err_note) for r in reduced if r.cells is not None and not r.has_err]
-    if missing:
-        _warn_equal_weights(missing)
-    keys = ("n", "nd") if missing else ("w", "wd")
-    if robust is not None and not missing:  # plain cell means (see _reduce_box)
-        keys = ("n", "nd", "v")
-    # one matching image per exposure group, on a grid whose cell (0, 0) is
-    # the lowest cell any exposure reached; each exposure's sums are dropped
-    # as soon as its group is built
-    gred = []
-    for members in groups:
-        cells = [reduced[k].cells for k in members if reduced[k].cells is not None]
-        g = _Reduced(name=reduced[members[0]].name,
-                     npix=sum(reduced[k].npix for k in members), has_err=not missing)
-        if cells:
-            g.origin, sums = _combine_cells(cells, keys)
-            if len(keys) == 3:
-                sn, snd, sv = sums
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    g.data = np.where(sn > 0, snd / np.maximum(sn, 1), 0.0)
-                    sigma = np.where(sn > 0, np.sqrt(sv) / np.maximum(sn, 1), 0.0)
+        # ERR weights for all, or equal weights for all when an exposure has no ERR
+        missing = [(r.name, r.err_note) for r in reduced if r.cells is not None and not r.has_err]
+        if missing:
+            _warn_equal_weights(missing)
+        keys = ("n", "nd") if missing else ("w", "wd")
+        if robust is not None and not missing:  # plain cell means (see _reduce_box)
+            keys = ("n", "nd", "v")
+        # one matching image per exposure group, on a grid whose cell (0, 0) is
+        # the lowest cell any exposure reached; each exposure's sums are dropped
+        # as soon as its group is built
+        gred = []
+        for members in groups:
+            cells = [reduced[k].cells for k in members if reduced[k].cells is not None]
+            g = _Reduced(name=reduced[members[0]].name,
+                         npix=sum(reduced[k].npix for k in members), has_err=not missing)
+            if cells:
+                g.origin, sums = _combine_cells(cells, keys)
+                if len(keys) == 3:
+                    sn, snd, sv = sums
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        g.data = np.where(sn > 0, snd / np.maximum(sn, 1), 0.0)
+                        sigma = np.where(sn > 0, np.sqrt(sv) / np.maximum(sn, 1), 0.0)
+                else:
+                    g.data, sigma = weighted_mean(*sums)
+                g.sigma = sigma.astype(np.float32)
             else:
-                g.data, sigma = weighted_mean(*sums)
-            g.sigma = sigma.astype(np.float32)
-        else:
-            g.reason = next((reduced[k].reason for k in members if reduced[k].reason), None)
-        for k in members:
-            reduced[k].cells = None
-        gred.append(g)
-    placed = [g for g in gred if g.origin is not None]
-    gy0 = min((g.origin[0] for g in placed), default=0)
-    gx0 = min((g.origin[1] for g in placed), default=0)
-    for g in placed:
-        g.origin = (g.origin[0] - gy0, g.origin[1] - gx0)
-    grid_shape = (max((g.origin[0] + g.data.shape[0] for g in placed), default=1),
-                  max((g.origin[1] + g.data.shape[1] for g in placed), default=1))
-    center = (float(-gx0), float(-gy0))  # the reference point's cell, (x, y)
-    log.info("wiimatch: matching %d exposure groups on a %dx%d grid", len(groups),
-             grid_shape[1], grid_shape[0])
+                g.reason = next((reduced[k].reason for k in members if reduced[k].reason), None)
+            for k in members:
+                reduced[k].cells = None
+            gred.append(_spill(g, store))
+        placed = [g for g in gred if g.origin is not None]
+        gy0 = min((g.origin[0] for g in placed), default=0)
+        gx0 = min((g.origin[1] for g in placed), default=0)
+        for g in placed:
+            g.origin = (g.origin[0] - gy0, g.origin[1] - gx0)
+        grid_shape = (max((g.origin[0] + g.data.shape[0] for g in placed), default=1),
+                      max((g.origin[1] + g.data.shape[1] for g in placed), default=1))
+        center = (float(-gx0), float(-gy0))  # the reference point's cell, (x, y)
+        log.info("wiimatch: matching %d exposure groups on a %dx%d grid", len(groups),
+                 grid_shape[1], grid_shape[0])
 
-    def engine(images, sigmas, origins, **level_args):
-        nonlocal degree, terms
-        res = match_backgrounds(images, masks=None, sigmas=sigmas, degree=degree,
-                                center=center, solver=solver, threads=threads,
-                                origins=origins, grid_shape=grid_shape, client=client,
-                                terms=terms, **level_args, **(robust or {}))
-        degree, terms = res.degree, res.terms  # the chosen ones with degree='auto'
-        return res
+        def engine(images, sigmas, origins, **level_args):
+            nonlocal degree, terms
+            res = match_backgrounds(images, masks=None, sigmas=sigmas, degree=degree,
+                                    center=center, solver=solver, threads=threads,
+                                    origins=origins, grid_shape=grid_shape, client=client,
+                                    terms=terms, **level_args, **(robust or {}))
+            degree, terms = res.degree, res.terms  # the chosen ones with degree='auto'
+            return res
 
-    def to_frame(coef):  # grid-cell units -> degrees of the tangent plane
-        return coef_from_scaled(coef[None, :], degree, (0.0, 0.0), (step, step))[0]
+        def to_frame(coef):  # grid-cell units -> degrees of the tangent plane
+            return coef_from_scaled(coef[None, :], degree, (0.0, 0.0), (step, step))[0]
 
-    diag = {}
-    outcomes, groups_models = _spread(reduced, groups, *_solve(
-        gred, engine, to_frame, level=level, members=groups, diag=diag))
-    if is_auto(degree):  # nothing was matched: no degree was chosen
-        degree = (0, 0)
-    return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=fr.FRAME,
-                                  binning=binning, grid_shape=grid_shape,
-                                  groups=groups_models, diagnostics=diag or None)
+        diag = {}
+        outcomes, groups_models = _spread(reduced, groups, *_solve(
+            gred, engine, to_frame, level=level, members=groups, diag=diag))
+        if is_auto(degree):  # nothing was matched: no degree was chosen
+            degree = (0, 0)
+        return outcomes, MatchSummary(degree=degree, refpoint=ref, frame=fr.FRAME,
+                                      binning=binning, grid_shape=grid_shape,
+                                      groups=groups_models, diagnostics=diag or None)
 
 
 # ---------------------------------------------------------------------------

@@ -4,9 +4,10 @@
 ``dtype`` and numpy-style slicing (files read on demand, dask arrays, ...),
 wrapped in :class:`jwst_wiimatch.core.inputs.PartsArray`. The results must be
 those of the same values given as arrays, and the memory the engine holds
-must not grow with the number of images times their size. The step's
-``binning=1`` path keeps its per-pixel cutouts in scratch files read this way.
+must not grow with the number of images times their size. ``match_models``
+keeps the models' matching images in scratch files read this way.
 """
+import contextlib
 import gc
 import os
 import tempfile
@@ -264,8 +265,10 @@ def test_binning1_scratch_equals_memory(tmp_path, monkeypatch, kw):
         assert a.ncells == b.ncells
 
 
-def test_binning1_cutouts_wait_in_files(monkeypatch):
-    """What the per-model reduction hands on at binning=1 is a file reader, not pixels."""
+@pytest.mark.parametrize("binning", [1, 2])
+def test_matching_images_wait_in_files(monkeypatch, binning):
+    """What the per-model reduction hands on is a file reader, not pixels (any
+    binning); with a dask client they stay in memory."""
     seen = []
     solve = matching._solve
 
@@ -274,9 +277,46 @@ def test_binning1_cutouts_wait_in_files(monkeypatch):
         return solve(reduced, *args, **kwargs)
 
     monkeypatch.setattr(matching, "_solve", spy)
-    matching.match_models(_grid_library(), binning=1)
-    assert seen and all(isinstance(r.data, scratch.ScratchArray) and
-                        isinstance(r.sigma, scratch.ScratchArray) for r in seen)
-    _, summary = matching.match_models(_grid_library(shape=(200, 220)), binning=2)
-    assert summary.binning == 2
-    assert all(isinstance(r.data, np.ndarray) for r in seen[4:])
+    _, summary = matching.match_models(_grid_library(shape=(200, 220)), binning=binning)
+    assert summary.binning == binning
+    assert len(seen) == 4
+    for r in seen:
+        assert isinstance(r.data, scratch.ScratchArray)
+        assert isinstance(r.sigma, scratch.ScratchArray)
+    assert isinstance(matching._scratch(object()), contextlib.nullcontext)
+
+
+def test_sky_cells_wait_in_files(tmp_path, monkeypatch):
+    """Calibrated exposures: the cell sums and the group images go to scratch files,
+    removed after the run, with the results of sums kept in memory."""
+    import pipeline_helpers as ph
+    from jwst_wiimatch.models.library import WiiMatchLibrary
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    models = [ph.make_cal(k) for k in range(4)]
+    puts = []
+    put = scratch.ScratchStore.put
+    monkeypatch.setattr(scratch.ScratchStore, "put",
+                        lambda self, arr: puts.append(arr.shape) or put(self, arr))
+    out, _ = matching.match_models(WiiMatchLibrary(models), kind="sky", degree=1)
+    assert len(puts) >= 4 * 2 + 4 * 2  # cells of each exposure, then each group's image
+    assert os.listdir(tmp_path / "tmp") == []
+    monkeypatch.setattr(matching, "_spill", lambda red, store: red)
+    ref, _ = matching.match_models(WiiMatchLibrary([ph.make_cal(k) for k in range(4)]),
+                                   kind="sky", degree=1)
+    for a, b in zip(out, ref):
+        assert a.status == b.status == "COMPLETE"
+        np.testing.assert_array_equal(a.coefficients, b.coefficients)
+
+
+def test_scratch_write_error_names_the_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with scratch.ScratchStore() as store:
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(np, "save", full)
+        with pytest.raises(OSError, match=r"scratch file.*TMPDIR") as err:
+            store.put(np.zeros((10, 10), np.float32))
+        assert store.path in str(err.value)

@@ -1,14 +1,16 @@
-"""Scratch files for the per-pixel cutouts of ``binning=1`` matching.
+"""Scratch files for the matching images of a run.
 
-With ``binning=1`` each model is reduced to a cutout of the common grid (its
-data and sigma over the box its valid pixels occupy), and the engine needs
-all of them. Held in memory they would take 8 bytes per pixel of every
-model's box: N x footprint, several GB for a few hundred singles. Instead,
-each cutout is written to a file in the system temporary directory as soon
-as its model is reduced, and the engine reads the files by parts
-(:class:`~jwst_wiimatch.core.inputs.PartsArray`): every read maps the file,
-copies the part asked for and unmaps it, so the process holds one block of
-the grid per image at a time, not the files.
+Each model is reduced to what matching needs: a cutout of the common grid
+(its data and sigma over the box its valid pixels occupy, binned or not) or,
+for calibrated exposures, its sums over the cells of the sky grid. The
+engine needs all of them at once; held in memory they would grow with the
+number of models (8 bytes per pixel of every model's box with
+``binning=1``: several GB for a few hundred singles). Instead, each is
+written to a file in the system temporary directory as soon as its model is
+reduced, and read back when needed: the engine reads the files by parts
+(:class:`~jwst_wiimatch.core.inputs.PartsArray`), every read mapping the
+file, copying the part asked for and unmapping it, so the process holds one
+block of the grid per image at a time, not the files.
 
 The files live in one temporary directory per run, removed when the run
 ends (also on errors).
@@ -96,7 +98,15 @@ class ScratchStore:
     def put(self, arr):
         arr = np.ascontiguousarray(arr)
         name = os.path.join(self.path, f"cutout-{next(self._names):06d}.npy")
-        np.save(name, arr, allow_pickle=False)
+        try:
+            np.save(name, arr, allow_pickle=False)
+        except OSError as exc:
+            raise OSError(
+                f"wiimatch: could not write a scratch file of {arr.nbytes / 1e6:.1f} MB in "
+                f"{self.path} ({exc}); the matching images of all models wait there "
+                f"until the match is done: point TMPDIR at a directory with room for "
+                f"them (about {self.nbytes / 1e6:.0f} MB were written before this one)."
+            ) from exc
         with self._lock:
             self.nbytes += arr.nbytes
         return ScratchArray(name, arr.shape, arr.dtype)
