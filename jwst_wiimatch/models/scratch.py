@@ -15,8 +15,11 @@ block of the grid per image at a time, not the files.
 The files live in one temporary directory per run, removed when the run
 ends (also on errors).
 """
+import collections
 import itertools
 import logging
+import math
+import mmap
 import os
 import tempfile
 import threading
@@ -29,25 +32,29 @@ __all__ = ["ScratchStore", "ScratchArray", "positive_as_one"]
 
 
 class ScratchArray:
-    """A 2-D (or N-D) array kept in a ``.npy`` file, read by parts.
+    """An array kept in a ``.npy`` file of a :class:`ScratchStore`, read by parts.
 
     ``arr[slices]`` returns a copy of that part (numpy array); ``shape``
-    and ``dtype`` are the array's. Nothing of the file stays mapped between
-    reads.
+    and ``dtype`` are the array's. The store keeps the files of recent
+    reads mapped (a bounded number of them), and after each read tells the
+    system that the mapped pages are not needed: the process holds the
+    copies it asked for, not the files.
     """
 
-    def __init__(self, path, shape, dtype):
+    def __init__(self, store, path, shape, dtype, offset):
+        self.store = store
         self.path = path
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.ndim = len(self.shape)
+        self.offset = offset  # bytes before the data (the .npy header)
 
     def __getitem__(self, key):
-        mm = np.load(self.path, mmap_mode="r")
+        view, release = self.store._view(self)
         try:
-            return np.array(mm[key])
+            return np.array(view[key])
         finally:
-            del mm  # unmapped: the copy is all that stays
+            release()
 
     def __array__(self, dtype=None, copy=None):
         arr = self[(slice(None),) * self.ndim]
@@ -92,8 +99,34 @@ class ScratchStore:
         self.path = self._dir.name
         self._names = itertools.count(1)  # next() is atomic: one name per call
         self._lock = threading.Lock()
+        self._open = collections.OrderedDict()  # path -> (mmap, array view), recent last
         #: bytes written so far
         self.nbytes = 0
+
+    #: Files kept mapped at once (each holds a file descriptor).
+    MAX_OPEN = 64
+
+    def _view(self, arr):
+        """A read-only array view of ``arr``'s file, and a function to call after reading."""
+        with self._lock:
+            entry = self._open.pop(arr.path, None)
+            if entry is None:
+                with open(arr.path, "rb") as fh:
+                    m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                view = np.frombuffer(m, dtype=arr.dtype, count=math.prod(arr.shape),
+                                     offset=arr.offset).reshape(arr.shape)
+                entry = (m, view)
+            self._open[arr.path] = entry
+            while len(self._open) > self.MAX_OPEN:  # closed once no read uses it
+                self._open.popitem(last=False)
+        m, view = entry
+
+        def release():
+            # drop the pages from this process (they stay in the page cache)
+            if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED") and not m.closed:
+                m.madvise(mmap.MADV_DONTNEED)
+
+        return view, release
 
     def put(self, arr):
         arr = np.ascontiguousarray(arr)
@@ -109,9 +142,14 @@ class ScratchStore:
             ) from exc
         with self._lock:
             self.nbytes += arr.nbytes
-        return ScratchArray(name, arr.shape, arr.dtype)
+        mapped = np.load(name, mmap_mode="r")
+        offset = mapped.offset  # where the data start, after the .npy header
+        del mapped
+        return ScratchArray(self, name, arr.shape, arr.dtype, offset)
 
     def close(self):
+        with self._lock:
+            self._open.clear()  # mappings close once no read uses them
         self._dir.cleanup()
 
     def __enter__(self):
