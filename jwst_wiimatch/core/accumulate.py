@@ -178,7 +178,23 @@ def _sigma_block(prob, l, sl):
     return sb
 
 
-def _prepare_image(prob, l, box, step=None):
+def _read_box(prob, l, box, step=None):
+    """Image ``l``'s data, mask (None: no mask) and sigmas (None: a number) over ``box``.
+
+    ``step`` (an int) takes every ``step``-th pixel of the box along each axis.
+    The mask and sigmas are as given (the mask may be a view of the input).
+    """
+    sl = _slices(box, prob.origins[l])
+    if step is not None:
+        sl = tuple(slice(s.start, s.stop, step) for s in sl)
+    src = np.asarray(prob.images[l][sl])
+    m = prob.masks[l]
+    mb = None if m is None else np.asarray(m[sl]).astype(bool, copy=False)
+    sb = None if isinstance(prob.sigmas[l], float) else _sigma_block(prob, l, sl)
+    return src, mb, sb
+
+
+def _prepare_image(prob, l, box, step=None, read=None):
     """Float64 data (0 where invalid), variance (inf where invalid) and validity of a box.
 
     Also returns ``(nonfinite, sigma_out, absurd)``: the number of pixels that the
@@ -190,15 +206,11 @@ def _prepare_image(prob, l, box, step=None):
     ``prob.limits`` (left out as absurd). The caller's
     arrays are only read (checks run on the input dtype, float32 stays cheap).
     ``step`` (an int) takes every ``step``-th pixel of the box along each axis.
+    ``read``: what :func:`_read_box` gave for the box, when it was read already.
     """
-    sl = _slices(box, prob.origins[l])
-    if step is not None:
-        sl = tuple(slice(s.start, s.stop, step) for s in sl)
-    src = np.asarray(prob.images[l][sl])
-    m = prob.masks[l]
-    valid = np.ones(src.shape, dtype=bool) if m is None else np.asarray(m[sl]).astype(bool)
+    src, mb, sb = _read_box(prob, l, box, step) if read is None else read
+    valid = np.ones(src.shape, dtype=bool) if mb is None else mb.astype(bool)  # a copy
     s = prob.sigmas[l]
-    sb = None
     if isinstance(s, float):
         if not SIGMA_MIN < s <= SIGMA_MAX:
             out = 0
@@ -206,8 +218,6 @@ def _prepare_image(prob, l, box, step=None):
                 out = int(np.count_nonzero(valid & np.isfinite(src)))
             return (np.zeros(src.shape), np.full(src.shape, np.inf),
                     np.zeros(src.shape, dtype=bool), (0, out, 0))
-    else:
-        sb = _sigma_block(prob, l, sl)
     fin = np.isfinite(src)
     if sb is not None:
         fin &= np.isfinite(sb)
@@ -264,13 +274,10 @@ def _fill_image(prob, l, box, d, var):
         d[...] = 0.0
         var[...] = np.inf
         return np.zeros(d.shape, dtype=bool), _prepare_image(prob, l, box)[3]
-    sl = _slices(box, prob.origins[l])
-    src = np.asarray(prob.images[l][sl])
-    m = prob.masks[l]
-    mb = None if m is None else np.asarray(m[sl]).astype(bool, copy=False)
+    read = _read_box(prob, l, box)
+    src, mb, sb = read
     if mb is not None and mb.all():
         mb = None
-    sb = None if isinstance(s, float) else _sigma_block(prob, l, sl)
     ok = True
     if sb is not None:  # sigmas whose squares are normal float64 numbers
         # (no finite float32 sigma is too large: the upper bound needs no
@@ -312,7 +319,7 @@ def _fill_image(prob, l, box, d, var):
                 float(np.max(d, where=w, initial=-np.inf)) <= lim[1]
     if ok:
         return mb, (0, 0, 0)
-    dd, vv, valid, counts = _prepare_image(prob, l, box)
+    dd, vv, valid, counts = _prepare_image(prob, l, box, read=read)  # not read again
     d[...] = dd
     var[...] = vv
     return (None if valid.all() else valid), counts
