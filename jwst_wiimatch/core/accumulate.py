@@ -742,22 +742,36 @@ class _Accumulator:
 
     def _slab_hits(self, slab, labels, ia, ib, t2v):
         """Pairs and grid pixels of ``slab`` (outside the block) beyond the pairs' thresholds."""
+        boxes = [_intersect(self.bboxes[l], slab) for l in labels]
+        if sum(b is not None for b in boxes) < 2:  # no pair there: nothing to read
+            return None
         sshape = tuple(hi - lo for lo, hi in slab)
         m = math.prod(sshape)
         k = len(labels)
-        D = np.zeros((k, m))
-        V = np.full((k, m), np.inf)
-        any_valid = np.zeros(k, dtype=bool)
-        for i, l in enumerate(labels):
-            box = _intersect(self.bboxes[l], slab)
+        # the validity rules of _prepare_image, for all the images at once
+        # (the slabs are thin: one set of operations per slab, not per image)
+        X = np.full((k, m), np.nan)  # data, NaN where an image does not reach
+        S = np.full((k, m), np.nan)  # sigma (scaled)
+        M = np.zeros((k, m), dtype=bool)  # the mask
+        lims = np.tile([-np.inf, np.inf], (k, 1))
+        for i, (l, box) in enumerate(zip(labels, boxes)):
             if box is None:
                 continue
-            d, var, valid, _ = _prepare_image(self.prob, l, box)
+            src, mb, sb = _read_box(self.prob, l, box)
             sub = _slices(box, tuple(lo for lo, _ in slab))
-            Di, Vi = D[i].reshape(sshape), V[i].reshape(sshape)
-            Di[sub] = np.where(valid, d, 0.0)
-            Vi[sub] = np.where(valid, var, np.inf)
-            any_valid[i] = valid.any()
+            X[i].reshape(sshape)[sub] = src
+            S[i].reshape(sshape)[sub] = self.prob.sigmas[l] if sb is None else sb
+            M[i].reshape(sshape)[sub] = True if mb is None else mb
+            lim = None if self.prob.limits is None else self.prob.limits[l]
+            if lim is not None:  # compared as in the image's own dtype
+                kind = src.dtype if src.dtype.kind == "f" else np.float64
+                lims[i] = np.asarray(lim, dtype=kind)
+        with np.errstate(invalid="ignore"):
+            valid = M & np.isfinite(X) & np.isfinite(S) & (S > SIGMA_MIN) & (S <= SIGMA_MAX)
+            valid &= (X >= lims[:, :1]) & (X <= lims[:, 1:])
+        D = np.where(valid, X, 0.0)
+        V = np.where(valid, np.square(S), np.inf)
+        any_valid = valid.any(axis=1)
         live = any_valid[ia] & any_valid[ib]
         if not live.any():
             return None
@@ -770,8 +784,9 @@ class _Accumulator:
                 ok = None
         resid = D - self._image_polys(labels, slab, u, ok)
         sel = np.flatnonzero(live)
-        with np.errstate(invalid="ignore"):
-            r2 = (resid[ia[sel]] - resid[ib[sel]]) ** 2 / (V[ia[sel]] + V[ib[sel]])
+        r2 = resid[ia[sel]] - resid[ib[sel]]  # as the block's chunks compute it
+        np.multiply(r2, r2, out=r2)
+        np.multiply(r2, np.reciprocal(V[ia[sel]] + V[ib[sel]]), out=r2)
         hit = r2 > t2v[sel, None]
         if not hit.any():
             return None
