@@ -378,8 +378,17 @@ def _spill(red, store):
 
 def _scratch(client):
     """A scratch store for the run's matching images (not with a dask cluster, whose
-    workers may not see this machine's temporary directory: they stay in memory)."""
-    return scratch.ScratchStore() if client is None else contextlib.nullcontext()
+    workers may not see this machine's temporary directory: they stay in memory,
+    as they do where no temporary directory can be made)."""
+    if client is not None:
+        return contextlib.nullcontext()
+    try:
+        return scratch.ScratchStore()
+    except OSError as exc:
+        log.warning("wiimatch: no scratch directory could be made in the system temporary "
+                    "directory (%s); the models' matching images stay in memory (set "
+                    "TMPDIR to a writable directory to keep memory bounded)", exc)
+        return contextlib.nullcontext()
 
 
 def _select_weights(reduced, usable, names):

@@ -320,3 +320,31 @@ def test_scratch_write_error_names_the_directory(tmp_path, monkeypatch):
         with pytest.raises(OSError, match=r"scratch file.*TMPDIR") as err:
             store.put(np.zeros((10, 10), np.float32))
         assert store.path in str(err.value)
+
+
+def test_unsliceable_reader_is_named():
+    """An array-like that cannot be sliced with a tuple of slices: a clear error."""
+    images, masks, sigmas, origins = _cutouts(n=3)
+
+    class OneDOnly(Recorder):
+        def __getitem__(self, key):
+            if isinstance(key, tuple):
+                raise KeyError(key)
+            return super().__getitem__(key)
+
+    with pytest.raises(TypeError, match=r"images\[2\]: reading the part .*np.asarray"):
+        match_backgrounds([images[0], images[1], OneDOnly(images[2])], sigmas=sigmas,
+                          origins=origins, grid_shape=GRID, degree=1)
+
+
+def test_no_temporary_directory_keeps_images_in_memory(tmp_path, monkeypatch, caplog):
+    """Where no scratch directory can be made, matching still runs (images in memory)
+    and says how to keep memory bounded."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/tmp")
+
+    monkeypatch.setattr(scratch.ScratchStore, "__init__", refuse)
+    with caplog.at_level("WARNING", logger="jwst_wiimatch"):
+        out, _ = matching.match_models(_grid_library(), binning=1)
+    assert all(o.status == "COMPLETE" for o in out)
+    assert any("TMPDIR" in r.getMessage() for r in caplog.records)

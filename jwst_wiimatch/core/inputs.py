@@ -76,7 +76,14 @@ class PartsArray:
 
     def __getitem__(self, key):
         """The part ``key`` (a tuple of one slice per axis), as a numpy array."""
-        arr = np.asarray(self.src[key])
+        try:
+            arr = np.asarray(self.src[key])
+        except Exception as exc:
+            raise TypeError(
+                f"{self.what}: reading the part {_show(key)} failed ({type(exc).__name__}: "
+                f"{exc}); the engine reads array-likes by slicing them with a tuple of "
+                f"slices: pass a numpy array instead (np.asarray of it)."
+            ) from exc
         want = tuple(len(range(*k.indices(n))) for k, n in zip(key, self.shape))
         if arr.shape != want:
             raise ValueError(
