@@ -28,7 +28,10 @@ Two kinds of input:
 
 Per-model work (reading, reducing, evaluating, subtracting) runs on
 ``threads`` worker threads, each borrowing its own models from the library,
-so at most ``threads`` models are in flight. Nothing here imports stpipe's
+so at most ``threads`` models are in flight. What each model is reduced to
+(its matching image, or its cell sums) waits for the match in a scratch
+file (:mod:`jwst_wiimatch.models.scratch`) that the engine reads by parts,
+so memory does not grow with the number of models. Nothing here imports stpipe's
 ``Step``: the steps parse their parameters and call these functions.
 """
 
