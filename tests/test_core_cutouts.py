@@ -127,7 +127,7 @@ def test_cutout_mask_and_sigma_shapes_follow_their_image():
 
 def test_cutouts_memory_follows_footprints_not_grid():
     """Peak working memory far below N x grid: it must not scale with the grid."""
-    import tracemalloc
+    from tracing import traced_peak
 
     rng = np.random.default_rng(1)
     grid = (4000, 4000)
@@ -138,12 +138,8 @@ def test_cutouts_memory_follows_footprints_not_grid():
         # a chain of overlapping cutouts spread over the big grid
         org.append((200 * k + 10, 230 * k + 5))
     one_grid_f32 = grid[0] * grid[1] * 4  # 64 MB; the full-grid call would need n of them
-    tracemalloc.start()
-    try:
-        r = match_backgrounds(cuts, origins=org, grid_shape=grid, degree=1, threads=1)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    r, peak = traced_peak(lambda: match_backgrounds(cuts, origins=org, grid_shape=grid,
+                                                    degree=1, threads=1))
     assert np.all(np.isfinite(r.coef))
     assert len(r.components) == 1
     assert peak < one_grid_f32 / 4, f"peak {peak / 2**20:.1f} MB"

@@ -131,7 +131,7 @@ def test_bounding_boxes_skip_far_images_but_keep_their_pairs():
 
 
 def test_memory_is_bounded_by_blocks_not_by_images_times_grid():
-    import tracemalloc
+    from tracing import traced_peak
 
     rng = np.random.default_rng(5)
     n, shape = 12, (1024, 1024)
@@ -144,12 +144,7 @@ def test_memory_is_bounded_by_blocks_not_by_images_times_grid():
         m[y0:y0 + 600, x0:x0 + 600] = True
         masks.append(m)
     one_grid_f64 = ims[0].size * 8  # 8 MB; n of them would be 96 MB
-    tracemalloc.start()
-    try:
-        match_backgrounds(ims, masks, sigs, degree=2, threads=1)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    _, peak = traced_peak(lambda: match_backgrounds(ims, masks, sigs, degree=2, threads=1))
     assert peak < 3 * one_grid_f64, f"peak {peak / 2**20:.1f} MB"
 
 

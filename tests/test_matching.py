@@ -89,17 +89,11 @@ def test_threads_and_on_disk_give_identical_results(cal_field, tmp_path, kind):
 
 
 def _traced_peak(asn, tmp_path):
-    import gc
-    import tracemalloc
+    from tracing import traced_peak
 
     lib = WiiMatchLibrary(asn, on_disk=True, temp_directory=str(tmp_path))
-    gc.collect()
-    tracemalloc.start()
-    try:
-        outcomes, _ = match_models(lib, kind="sky", binning=4, threads=2)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    (outcomes, _), peak = traced_peak(
+        lambda: match_models(lib, kind="sky", binning=4, threads=2))
     assert all(o.matched for o in outcomes)
     return peak
 

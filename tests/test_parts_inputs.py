@@ -8,15 +8,14 @@ must not grow with the number of images times their size. ``match_models``
 keeps the models' matching images in scratch files read this way.
 """
 import contextlib
-import gc
 import os
 import tempfile
-import tracemalloc
 
 import numpy as np
 import pytest
 
 import step_helpers as h
+from tracing import traced_peak
 
 from jwst_wiimatch import matching
 from jwst_wiimatch.core import match_backgrounds
@@ -160,16 +159,6 @@ def test_parts_array_whole_read():
     assert (p.shape, p.ndim, p.size, len(p)) == ((3, 4), 2, 12, 3)
 
 
-def _peak(function):
-    gc.collect()
-    tracemalloc.start()
-    try:
-        function()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def _strip(n, side=(400, 300), step=150, seed=0):
     """``n`` images in a row, each overlapping the next by half: two deep everywhere."""
     rng = np.random.default_rng(seed)
@@ -205,7 +194,7 @@ def test_memory_does_not_grow_with_images_times_size(tmp_path, monkeypatch, extr
             readers.append(NpyReader(path))
         nbytes = sum(a.nbytes for a in images + sigmas)
         del images, sigmas
-        peak = _peak(lambda: match_backgrounds(
+        _, peak = traced_peak(lambda: match_backgrounds(
             readers[:n], sigmas=readers[n:], origins=origins, grid_shape=grid, degree=1,
             threads=1, **extra))
         return peak, nbytes

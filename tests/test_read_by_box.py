@@ -8,14 +8,13 @@ and check that the reading pass allocates no whole-grid array for a small
 footprint.
 """
 
-import gc
 import os
-import tracemalloc
 
 import numpy as np
 import pytest
 
 import step_helpers as h
+from tracing import traced_peak
 
 from jwst_wiimatch import matching
 from jwst_wiimatch.models import boxread, frame as fr, pixels
@@ -184,16 +183,6 @@ def test_members_not_read_by_box(tmp_path):
             pass
 
 
-def _traced_peak(function):
-    gc.collect()
-    tracemalloc.start()
-    try:
-        function()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_reading_pass_allocates_no_whole_grid_array(tmp_path, whole):
     """A member whose footprint is ~1 % of the grid: the box path's peak is a few
     rows, the whole path's several full-grid arrays."""
@@ -219,11 +208,10 @@ def test_reading_pass_allocates_no_whole_grid_array(tmp_path, whole):
     def peak(kind):
         with boxread.open_boxed(path, "member") as member:
             assert (type(member).__name__ == "BoxedMember") == (kind == "box")
-            red = {}
-            size = _traced_peak(lambda: red.update(r=matching._reduce_grid_model(
-                member, 0, dqflags, 1, checker, sources=10.0)))
-            assert red["r"].npix == 120 * 110 - 1 and red["r"].absurd == 1
-            return size, red["r"]
+            red, size = traced_peak(lambda: matching._reduce_grid_model(
+                member, 0, dqflags, 1, checker, sources=10.0))
+            assert red.npix == 120 * 110 - 1 and red.absurd == 1
+            return size, red
 
     box, rbox = peak("box")
     whole()

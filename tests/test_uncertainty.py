@@ -333,7 +333,7 @@ def test_covariance_pass_memory_does_not_grow_as_images_squared_times_grid():
     # 40 images over one 128 x 128 grid: a block of the whole lattice would
     # hold 40 x 40 x 16384 pair weights (210 MB per array, several arrays);
     # blocks sized for the number of images keep each under 16 MB
-    import tracemalloc
+    from tracing import traced_peak
 
     from jwst_wiimatch.core.engine import build_moments
     from jwst_wiimatch.core.uncertainty import noise_covariance_b
@@ -341,12 +341,7 @@ def test_covariance_pass_memory_does_not_grow_as_images_squared_times_grid():
     rng = np.random.default_rng(0)
     imgs = [rng.normal(size=(128, 128)) for _ in range(40)]
     prob, frame, _ = build_moments(imgs, None, [1.0] * 40, 0)
-    tracemalloc.start()
-    try:
-        cov_b, amat = noise_covariance_b(prob, frame)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    (cov_b, amat), peak = traced_peak(lambda: noise_covariance_b(prob, frame))
     assert peak < 100e6, peak / 1e6
     # and the sums are those of the exact pass: every pair weighs 1 / 2 per pixel
     assert amat[0, 0] == pytest.approx(39 * 128 * 128 / 2.0)
