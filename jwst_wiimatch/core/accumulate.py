@@ -652,12 +652,12 @@ class _Accumulator:
         if not parts and (halo is None or halo.size == 0):
             return rejected, image_rejected
         flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        if rob.grow and flat.size:  # grown within each pair's plane only
+        if rob.grow and flat.size:  # grown within each pair's plane only (sorted, unique)
             flat = dilate_flat(flat, (P,) + tuple(eshape), rob.grow, skip_first=True)
-        if halo is not None and halo.size:
-            flat = np.union1d(flat, halo)
         else:
             flat = np.unique(flat)
+        if halo is not None and halo.size:
+            flat = np.union1d(flat, halo)
         j, idx = np.divmod(flat, npx)
         ia, ib = np.asarray(ial)[j], np.asarray(ibl)[j]
         v = V[ia, idx] + V[ib, idx]
@@ -716,6 +716,8 @@ class _Accumulator:
         npx = math.prod(eshape)
         ia, ib = np.asarray(ial), np.asarray(ibl)
         offs = np.indices((2 * g + 1,) * nd).reshape(nd, -1, 1) - g
+        lo = np.array([a for a, _ in ebox]).reshape(nd, 1, 1)
+        hi = np.array([b for _, b in ebox]).reshape(nd, 1, 1)
         found = []
         for k in range(nd):  # the frame outer - ebox, cut into slabs
             for a, b in ((outer[k][0], ebox[k][0]), (ebox[k][1], outer[k][1])):
@@ -728,8 +730,6 @@ class _Accumulator:
                     continue
                 j, pts = hits  # pairs, grid coordinates (nd, nhit)
                 near = pts[:, None, :] + offs  # (nd, noff, nhit)
-                lo = np.array([lo for lo, _ in ebox]).reshape(nd, 1, 1)
-                hi = np.array([hi for _, hi in ebox]).reshape(nd, 1, 1)
                 inside = np.all((near >= lo) & (near < hi), axis=0)  # (noff, nhit)
                 if not inside.any():
                     continue
