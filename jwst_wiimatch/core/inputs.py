@@ -13,8 +13,8 @@ from numbers import Integral, Real
 
 import numpy as np
 
-__all__ = ["Problem", "PartsArray", "check_inputs", "check_degree", "check_center", "check_solver",
-           "check_origins", "check_size", "MatchWarning"]
+__all__ = ["Problem", "PartsArray", "check_inputs", "check_degree", "check_center",
+           "check_solver", "check_origins", "check_size", "MatchWarning"]
 
 SOLVERS = ("RLU", "PINV")
 
@@ -127,9 +127,7 @@ def _read_by_parts(x):
 
 
 def _as_real_array(x, what):
-    if isinstance(x, np.ndarray):
-        arr = x
-    elif isinstance(x, PartsArray):
+    if isinstance(x, (np.ndarray, PartsArray)):
         arr = x
     elif _read_by_parts(x):
         arr = PartsArray(x, what)

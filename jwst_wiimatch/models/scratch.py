@@ -17,7 +17,6 @@ ends (also on errors).
 """
 import collections
 import itertools
-import logging
 import math
 import mmap
 import os
@@ -26,12 +25,18 @@ import threading
 
 import numpy as np
 
-log = logging.getLogger(__name__)
-
 __all__ = ["ScratchStore", "ScratchArray", "positive_as_one"]
 
 
-class ScratchArray:
+class _ReadByParts:
+    """What the arrays of this module share: ``np.asarray`` of one reads it whole."""
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[(slice(None),) * self.ndim]
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+class ScratchArray(_ReadByParts):
     """An array kept in a ``.npy`` file of a :class:`ScratchStore`, read by parts.
 
     ``arr[slices]`` returns a copy of that part (numpy array); ``shape``
@@ -56,12 +61,8 @@ class ScratchArray:
         finally:
             release()
 
-    def __array__(self, dtype=None, copy=None):
-        arr = self[(slice(None),) * self.ndim]
-        return arr if dtype is None else arr.astype(dtype, copy=False)
 
-
-class _Positive:
+class _Positive(_ReadByParts):
     """1.0 where an array read by parts is > 0, else 0.0 (float64), read by parts."""
 
     dtype = np.dtype(np.float64)
@@ -73,10 +74,6 @@ class _Positive:
 
     def __getitem__(self, key):
         return (np.asarray(self.src[key]) > 0).astype(np.float64)
-
-    def __array__(self, dtype=None, copy=None):
-        arr = self[(slice(None),) * self.ndim]
-        return arr if dtype is None else arr.astype(dtype, copy=False)
 
 
 def positive_as_one(arr):
