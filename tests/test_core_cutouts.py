@@ -14,7 +14,6 @@ from jwst_wiimatch.core import match_backgrounds
 def _cutout_problem(seed, grid, n, degree, with_sigmas=True, with_masks=True):
     """Random cutouts of ``grid`` and the same problem embedded in full-grid arrays."""
     rng = np.random.default_rng(seed)
-    ndim = len(grid)
     cuts, cmasks, csigs, origins = [], [], [], []
     fulls, fmasks, fsigs = [], [], []
     coords = np.indices(grid, dtype=float)
