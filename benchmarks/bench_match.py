@@ -178,7 +178,7 @@ def threads_world(degrees=(1, 2)):
     return out
 
 
-def contention_worker(mode, start, degree=1, runs=3):
+def contention_worker(mode, start, degree=1, runs=10):
     """One-thread matches (N=10, 2048^2) from ``start`` (epoch s): ``mode`` 'one' runs
     them in this thread, 'threads' in two threads at once; prints the seconds."""
     os.environ["JWST_WIIMATCH_THREADS"] = "1"
@@ -192,18 +192,25 @@ def contention_worker(mode, start, degree=1, runs=3):
         for _ in range(runs):
             match_lsq(images, masks, sigmas, degree=degree)
 
+    import resource
+
     work()  # warm
     time.sleep(max(0.0, start - time.time()))
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if mode == "threads":
         with ThreadPoolExecutor(2) as ex:
             list(ex.map(work, range(2)))
     else:
         work()
-    print(json.dumps(dict(time=time.perf_counter() - t0)))
+    t = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps(dict(time=t, user=r1.ru_utime - r0.ru_utime,
+                          sys=r1.ru_stime - r0.ru_stime,
+                          switches=r1.ru_nvcsw - r0.ru_nvcsw)))
 
 
-def contention(degree=1, runs=3):
+def contention(degree=1, runs=10):
     """How far the machine lets two one-thread matches run side by side.
 
     Throughput of two concurrent one-thread matches, against one alone: in
@@ -213,23 +220,38 @@ def contention(degree=1, runs=3):
     """
     def launch(mode, copies):
         start = time.time() + 25.0  # after both have built their inputs
+        # one BLAS thread from the start: the engine limits BLAS with
+        # threadpoolctl around each match, and two matches in two threads
+        # of a process would set and restore that limit under each other
+        # (leaving BLAS threads busy-waiting beside the other match)
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                   MKL_NUM_THREADS="1")
         procs = [subprocess.Popen([sys.executable, HERE, "--contention-worker", mode,
                                    repr(start), str(degree), str(runs)],
-                                  stdout=subprocess.PIPE, text=True) for _ in range(copies)]
-        return [json.loads(p.communicate()[0].strip().splitlines()[-1])["time"]
-                for p in procs]
+                                  stdout=subprocess.PIPE, text=True, env=env)
+                 for _ in range(copies)]
+        return [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
 
     wait_quiet()
-    alone = launch("one", 1)[0]
+    one = launch("one", 1)[0]
     wait_quiet()
-    procs = max(launch("one", 2))
+    two = launch("one", 2)
     wait_quiet()
-    threads = launch("threads", 1)[0]
+    thr = launch("threads", 1)[0]
+    alone, procs, threads = one["time"], max(r["time"] for r in two), thr["time"]
+
+    def per_match(rs, key, matches):
+        return sum(r[key] if key == "switches" else r["user"] + r["sys"] for r in rs) / matches
+
     print(f"two one-thread matches at once (degree {degree}, N=10 2048^2, {runs} runs "
-          f"each): one alone {alone:.2f} s")
-    print(f"  in two processes: {procs:.2f} s, throughput {2 * alone / procs:.2f}x one")
+          f"each): one alone {alone:.2f} s, {per_match([one], 'cpu', runs):.3f} CPU s "
+          f"per match")
+    print(f"  in two processes: {procs:.2f} s, throughput {2 * alone / procs:.2f}x one; "
+          f"{per_match(two, 'cpu', 2 * runs):.3f} CPU s per match")
     print(f"  in two threads of one process: {threads:.2f} s, throughput "
-          f"{2 * alone / threads:.2f}x one")
+          f"{2 * alone / threads:.2f}x one; {per_match([thr], 'cpu', 2 * runs):.3f} CPU s "
+          f"and {per_match([thr], 'switches', 2 * runs):.0f} voluntary context switches "
+          f"per match")
     return dict(alone=alone, processes=procs, threads=threads)
 
 
