@@ -318,19 +318,50 @@ def test_rejections_do_not_depend_on_block_cuts(monkeypatch, grow, world):
     """A rejected pixel takes its neighbours within ``grow`` out of the pair's sums
     also across the edge of an accumulation block: the pixels left out, and so the
     coefficients, are those of one whole-grid block whatever the block size."""
-    from jwst_wiimatch.core import accumulate as acc_mod
-
     imgs, masks, sigs = _cosmic_ray_field()
     kw = dict(masks=masks, sigmas=sigs, degree=1, robust="clip", grow=grow, threads=1)
     if world:
         kw["image2world"] = lambda x, y: (150 + 3e-5 * x + 1e-11 * x * y, 2 + 3e-5 * y)
+    _same_for_any_blocks(monkeypatch, imgs, kw, (1 << 12, 1000), min_rejected=1000)
+
+
+def _same_for_any_blocks(monkeypatch, imgs, kw, block_pixels, min_rejected):
+    """Rejections and coefficients with blocks of ``block_pixels`` equal one block's."""
+    from jwst_wiimatch.core import accumulate as acc_mod
+
     monkeypatch.setattr(acc_mod, "BLOCK_PIXELS", 1 << 17)  # the whole grid: one block
     ref = match_backgrounds(imgs, **kw)
-    assert ref.pair_rejected.sum() > 1000
-    for pixels in (1 << 12, 1000):
+    assert ref.pair_rejected.sum() > min_rejected
+    for pixels in block_pixels:
         monkeypatch.setattr(acc_mod, "BLOCK_PIXELS", pixels)
         got = match_backgrounds(imgs, **kw)
         np.testing.assert_array_equal(got.pair_rejected, ref.pair_rejected)
         np.testing.assert_array_equal(got.rejected, ref.rejected)
         np.testing.assert_allclose(got.coef, ref.coef, rtol=1e-10,
                                    atol=1e-10 * np.abs(ref.coef).max())
+
+
+def _cosmic_ray_field_nd(shape, seed=3, n=4):
+    """Overlapping boxes of an N-D grid with outliers, and their masks."""
+    rng = np.random.default_rng(seed)
+    imgs, sigs, masks = [], [], []
+    for _ in range(n):
+        im = rng.normal(2, 1) + 0.05 * rng.standard_normal(shape)
+        hits = tuple(rng.integers(0, s, im.size // 100) for s in shape)
+        im[hits] += rng.uniform(1, 20, im.size // 100)
+        m = np.zeros(shape, bool)
+        lo = [int(rng.integers(0, s // 3)) for s in shape]
+        m[tuple(slice(a, a + 2 * s // 3) for a, s in zip(lo, shape))] = True
+        imgs.append(im)
+        sigs.append(np.full(shape, 0.05))
+        masks.append(m)
+    return imgs, masks, sigs
+
+
+@pytest.mark.parametrize("shape", [(20000,), (24, 30, 28)])
+def test_rejections_do_not_depend_on_block_cuts_nd(monkeypatch, shape):
+    """The same in 1-D and 3-D: the bands of pixels tested around the blocks'
+    cuts have one axis (1-D) or two (3-D) besides the cut's."""
+    imgs, masks, sigs = _cosmic_ray_field_nd(shape)
+    kw = dict(masks=masks, sigmas=sigs, degree=1, robust="clip", grow=1, threads=2)
+    _same_for_any_blocks(monkeypatch, imgs, kw, (1 << 12, 700), min_rejected=100)

@@ -470,6 +470,8 @@ class _Accumulator:
     def __init__(self, prob, frame, bboxes, robust=None):
         #: a :class:`jwst_wiimatch.core.robust.RobustPass` (None: plain sums)
         self.rob = robust
+        #: hits near the blocks' edges (see :meth:`band_hits`)
+        self._hits = None
         self.prob = prob
         self.frame = frame
         self.bboxes = bboxes
@@ -707,54 +709,153 @@ class _Accumulator:
             np.add.at(image_rejected, np.asarray(labels)[img[alls]], 1)
         return rejected, image_rejected
 
-    def _halo(self, ebox, labels, ial, ibl, t2v):
-        """Pixels of ``ebox`` that rejected pixels just outside it take out of its pairs.
+    def band_hits(self, per_axis, max_pix, mapper=map):
+        """Test, once for the whole grid, the pixels near the blocks' edges.
 
         A rejected pixel takes its neighbours within ``grow`` out of the
-        pair's sums. The neighbours of one in the next block lie in this
-        one: the pixels within ``grow`` outside ``ebox`` (a frame of slabs)
-        are tested like the pixels of the box (the pair's normalised
-        residual beyond its threshold, given the pass's polynomials), so
-        that the pixels left out do not depend on where the blocks are cut.
-        Returns flat indices into ``(pairs,) + box shape``, sorted (None:
-        nothing).
+        pair's sums, also those across a block edge. Every pixel within
+        ``grow`` of a cut between blocks (the bands along the cuts) is
+        tested like the pixels of a block (the pair's normalised residual
+        beyond its threshold, given the pass's polynomials), a few long
+        pieces at a time instead of thin slabs around every block. Each
+        block then takes from these hits the ones just outside it
+        (:meth:`_halo`), so that the pixels left out do not depend on where
+        the blocks are cut. ``per_axis``: the blocks' pieces along each axis
+        (numpy order); ``max_pix``: the most pixels of a piece (the blocks'
+        bound, which keeps images x pixels bounded); ``mapper``: map, or a
+        pool's map.
         """
+        self._hits = None
+        g = int(self.rob.grow) if self.rob is not None else 0
+        if not g or not any(np.isfinite(t) for t in self.rob.t2.values()):
+            return
+        shape = self.prob.shape
+        nd = len(shape)
+        # a piece holds a few (images x pixels) arrays: at most a quarter of
+        # a block's pixels per image it reaches
+        elems = max(1, max_pix // 4)
+        pieces = []
+        for k in range(nd):
+            other = [i for i in range(nd) if i != k]
+            for c in (a for a, _ in per_axis[k][1:]):
+                band = (max(0, c - g), min(shape[k], c + g))
+                if not other:  # 1-D: the band is a few pixels
+                    pieces.append((band,))
+                    continue
+                # the band cut like the blocks along the other axes, runs of
+                # them along the last one joined while the images they reach
+                # times their pixels stay within the bound
+                ax, rest = other[-1], other[:-1]
+                for fixed in itertools.product(*[per_axis[i] for i in rest]):
+                    def box_of(seg):
+                        return tuple(band if i == k else seg if i == ax else
+                                     fixed[rest.index(i)] for i in range(nd))
+
+                    run, reach = None, set()
+                    for seg in per_axis[ax]:
+                        box = box_of(seg)
+                        here = {l for l in range(self.n) if self.bboxes[l] is not None
+                                and _intersect(self.bboxes[l], box)}
+                        if run is not None:
+                            both = reach | here
+                            joined = box_of((run[0], seg[1]))
+                            if len(both) * math.prod(b - a for a, b in joined) <= elems:
+                                run, reach = (run[0], seg[1]), both
+                                continue
+                            pieces.append(box_of(run))
+                        run, reach = seg, here
+                    pieces.append(box_of(run))
+        found = [h for h in mapper(self._piece_hits, pieces) if h is not None]
+        if not found:
+            return
+        code = np.concatenate([c for c, _ in found])
+        pts = np.concatenate([p for _, p in found], axis=1)
+        # bands cross at the corners of the blocks: each hit once
+        flat = np.ravel_multi_index(tuple(pts), shape)
+        _, first = np.unique(np.stack([code, flat]), axis=1, return_index=True)
+        code, pts = code[first], pts[:, first]
+        order = np.argsort(pts[0], kind="stable")
+        self._hits = (code[order], pts[:, order])
+
+    def _piece_hits(self, box):
+        """Hits (pair codes ``l * n + m``, grid points) of one piece of a band."""
+        labels = [l for l in range(self.n)
+                  if self.bboxes[l] is not None and _intersect(self.bboxes[l], box)]
+        if len(labels) < 2:
+            return None
+        ia, ib = [], []
+        t2 = []
+        for a in range(len(labels)):
+            for b in range(a + 1, len(labels)):
+                t = self.rob.t2.get((labels[a], labels[b]), np.inf)
+                if np.isfinite(t):
+                    ia.append(a)
+                    ib.append(b)
+                    t2.append(t)
+        if not ia:
+            return None
+        ia, ib = np.array(ia), np.array(ib)
+        hits = self._slab_hits(box, labels, ia, ib, np.array(t2))
+        if hits is None:
+            return None
+        j, pts = hits
+        lab = np.asarray(labels)
+        return lab[ia[j]] * self.n + lab[ib[j]], pts
+
+    def _halo(self, ebox, labels, ial, ibl):
+        """Pixels of ``ebox`` that rejected pixels just outside it take out of its pairs.
+
+        From the hits of :meth:`band_hits`: those of the block's pairs
+        within ``grow`` outside ``ebox`` (a pixel of the block outside
+        ``ebox`` is valid in no image: no hits there). Returns flat indices
+        into ``(pairs,) + box shape``, sorted (None: nothing).
+        """
+        if self._hits is None:
+            return None
         g = int(self.rob.grow)
         nd = len(ebox)
         outer = tuple((max(0, lo - g), min(n, hi + g)) for (lo, hi), n in
                       zip(ebox, self.prob.shape))
         if outer == ebox:
             return None
-        eshape = tuple(hi - lo for lo, hi in ebox)
-        npx = math.prod(eshape)
-        ia, ib = np.asarray(ial), np.asarray(ibl)
-        offs = np.indices((2 * g + 1,) * nd).reshape(nd, -1, 1) - g
-        lo = np.array([a for a, _ in ebox]).reshape(nd, 1, 1)
-        hi = np.array([b for _, b in ebox]).reshape(nd, 1, 1)
-        found = []
-        for k in range(nd):  # the frame outer - ebox, cut into slabs
-            for a, b in ((outer[k][0], ebox[k][0]), (ebox[k][1], outer[k][1])):
-                if a >= b:
-                    continue
-                slab = tuple(ebox[i] if i < k else (a, b) if i == k else outer[i]
-                             for i in range(nd))
-                hits = self._slab_hits(slab, labels, ia, ib, t2v)
-                if hits is None:
-                    continue
-                j, pts = hits  # pairs, grid coordinates (nd, nhit)
-                near = pts[:, None, :] + offs  # (nd, noff, nhit)
-                inside = np.all((near >= lo) & (near < hi), axis=0)  # (noff, nhit)
-                if not inside.any():
-                    continue
-                jj = np.broadcast_to(j, inside.shape)[inside]
-                loc = tuple((near[i] - lo[i])[inside] for i in range(nd))
-                found.append(jj * npx + np.ravel_multi_index(loc, eshape))
-        if not found:
+        code, pts = self._hits
+        i0, i1 = np.searchsorted(pts[0], [outer[0][0], outer[0][1]])
+        if i0 == i1:
             return None
-        return np.unique(np.concatenate(found))
+        code, pts = code[i0:i1], pts[:, i0:i1]
+        lo = np.array([a for a, _ in ebox]).reshape(nd, 1)
+        hi = np.array([b for _, b in ebox]).reshape(nd, 1)
+        olo = np.array([a for a, _ in outer]).reshape(nd, 1)
+        ohi = np.array([b for _, b in outer]).reshape(nd, 1)
+        near = np.all((pts >= olo) & (pts < ohi), axis=0) & \
+            ~np.all((pts >= lo) & (pts < hi), axis=0)
+        if not near.any():
+            return None
+        code, pts = code[near], pts[:, near]
+        # the block's pair (row of its sums) of each hit, if the block has it
+        bcode = np.asarray(labels)[np.asarray(ial)] * self.n + \
+            np.asarray(labels)[np.asarray(ibl)]
+        order = np.argsort(bcode)
+        pos = np.searchsorted(bcode[order], code)
+        pos[pos == bcode.size] = 0
+        mine = bcode[order][pos] == code
+        if not mine.any():
+            return None
+        j, pts = order[pos[mine]], pts[:, mine]
+        eshape = tuple(b - a for a, b in ebox)
+        npx = math.prod(eshape)
+        offs = np.indices((2 * g + 1,) * nd).reshape(nd, -1, 1) - g
+        near = pts[:, None, :] + offs  # (nd, noff, nhit)
+        lo3, hi3 = lo[:, :, None], hi[:, :, None]
+        inside = np.all((near >= lo3) & (near < hi3), axis=0)  # (noff, nhit)
+        if not inside.any():
+            return None
+        jj = np.broadcast_to(j, inside.shape)[inside]
+        loc = tuple((near[i] - lo3[i])[inside] for i in range(nd))
+        return np.unique(jj * npx + np.ravel_multi_index(loc, eshape))
 
     def _slab_hits(self, slab, labels, ia, ib, t2v):
-        """Pairs and grid pixels of ``slab`` (outside the block) beyond the pairs' thresholds."""
+        """Pairs and grid pixels of ``slab`` beyond the pairs' thresholds (a piece of a band)."""
         boxes = [_intersect(self.bboxes[l], slab) for l in labels]
         if sum(b is not None for b in boxes) < 2:  # no pair there: nothing to read
             return None
@@ -1018,9 +1119,7 @@ class _Accumulator:
             S[:, self.mono_order] = S.copy()
             T[:, self.dmono_order] = T.copy()
         if rob is not None:
-            halo = None
-            if rob.grow and np.isfinite(t2v).any():
-                halo = self._halo(ebox, labels, ial, ibl, t2v)
+            halo = self._halo(ebox, labels, ial, ibl) if rob.grow else None
             rejected, image_rejected = self._reject(
                 seeds, S, T, chi, D, V, polys, eshape, origin, labels, ial, ibl, u, keys,
                 halo)
@@ -1118,6 +1217,9 @@ def _accumulate(prob, frame, pool, client=None, robust=None):
     blocks = [tuple(slice(a, b) for a, b in pcs) for pcs in itertools.product(*per_axis)]
 
     acc_sums = _Sums(n, int(np.prod(acc.mshape)), int(np.prod(acc.dshape)))
+    if robust is not None:  # before the blocks (and before a cluster gets acc)
+        with threadpool_limits(limits=1, user_api="blas"):
+            acc.band_hits(per_axis, max_pix, mapper)
     # The products here are small: a multi-threaded BLAS only adds overhead
     # (and contention with our own threads, which keep the cores busy).
     # Block results are added in block order whatever the threads: the sums
