@@ -734,37 +734,46 @@ class _Accumulator:
         # a piece holds a few (images x pixels) arrays: at most a quarter of
         # a block's pixels per image it reaches
         elems = max(1, max_pix // 4)
-        pieces = []
+        # the images' boxes as arrays (an empty box where an image has none)
+        blo = np.array([[a for a, _ in b] if b is not None else [1] * nd
+                        for b in self.bboxes]).reshape(self.n, nd)
+        bhi = np.array([[e for _, e in b] if b is not None else [0] * nd
+                        for b in self.bboxes]).reshape(self.n, nd)
+        pieces = []  # (box, images it reaches)
         for k in range(nd):
             other = [i for i in range(nd) if i != k]
             for c in (a for a, _ in per_axis[k][1:]):
                 band = (max(0, c - g), min(shape[k], c + g))
-                if not other:  # 1-D: the band is a few pixels
-                    pieces.append((band,))
-                    continue
                 # the band cut like the blocks along the other axes, runs of
                 # them along the last one joined while the images they reach
                 # times their pixels stay within the bound
-                ax, rest = other[-1], other[:-1]
+                ax = other[-1] if other else k
+                rest = other[:-1]
+                segs = np.array(per_axis[ax]) if other else np.array([band])
                 for fixed in itertools.product(*[per_axis[i] for i in rest]):
-                    def box_of(seg):
-                        return tuple(band if i == k else seg if i == ax else
-                                     fixed[rest.index(i)] for i in range(nd))
+                    def box_of(a, b):
+                        return tuple(band if i == k else (int(a), int(b)) if i == ax
+                                     else fixed[rest.index(i)] for i in range(nd))
 
-                    run, reach = None, set()
-                    for seg in per_axis[ax]:
-                        box = box_of(seg)
-                        here = {l for l in range(self.n) if self.bboxes[l] is not None
-                                and _intersect(self.bboxes[l], box)}
-                        if run is not None:
-                            both = reach | here
-                            joined = box_of((run[0], seg[1]))
-                            if len(both) * math.prod(b - a for a, b in joined) <= elems:
-                                run, reach = (run[0], seg[1]), both
+                    whole = box_of(segs[0, 0], segs[-1, 1])
+                    lo = np.array([a for a, _ in whole])
+                    hi = np.array([b for _, b in whole])
+                    cand = np.flatnonzero(np.all((blo < hi) & (bhi > lo), axis=1))
+                    if cand.size < 2:  # no pair reaches this part of the band
+                        continue
+                    reach = (blo[cand, ax][:, None] < segs[None, :, 1]) & \
+                        (bhi[cand, ax][:, None] > segs[None, :, 0])
+                    across = math.prod(b - a for i, (a, b) in enumerate(whole) if i != ax)
+                    r0, acc = None, None
+                    for q in range(len(segs)):
+                        if r0 is not None:
+                            both = acc | reach[:, q]
+                            if int(both.sum()) * across * (segs[q, 1] - segs[r0, 0]) <= elems:
+                                acc = both
                                 continue
-                            pieces.append(box_of(run))
-                        run, reach = seg, here
-                    pieces.append(box_of(run))
+                            pieces.append((box_of(segs[r0, 0], segs[q - 1, 1]), cand[acc]))
+                        r0, acc = q, reach[:, q]
+                    pieces.append((box_of(segs[r0, 0], segs[-1, 1]), cand[acc]))
         found = [h for h in mapper(self._piece_hits, pieces) if h is not None]
         if not found:
             return
@@ -777,10 +786,10 @@ class _Accumulator:
         order = np.argsort(pts[0], kind="stable")
         self._hits = (code[order], pts[:, order])
 
-    def _piece_hits(self, box):
+    def _piece_hits(self, piece):
         """Hits (pair codes ``l * n + m``, grid points) of one piece of a band."""
-        labels = [l for l in range(self.n)
-                  if self.bboxes[l] is not None and _intersect(self.bboxes[l], box)]
+        box, labels = piece
+        labels = [int(l) for l in labels]
         if len(labels) < 2:
             return None
         ia, ib = [], []
