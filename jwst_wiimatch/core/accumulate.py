@@ -689,12 +689,12 @@ class _Accumulator:
             w = w * rob.weight(r / cw)
         phi, phid = self._monomials_at(idx, eshape, origin, u)
         wd = w * df
-        rows = np.unique(j)
-        # sums per pair of the rejected pixels' contributions
-        S[rows] -= np.stack([np.bincount(j, w * phi[:, q], minlength=P)[rows]
-                             for q in range(phi.shape[1])], axis=1)
-        T[rows] -= np.stack([np.bincount(j, wd * phid[:, q], minlength=P)[rows]
-                             for q in range(phid.shape[1])], axis=1)
+        # sums per pair of the rejected pixels' contributions: ``flat`` is
+        # sorted, so each pair's pixels are one run (one reduceat for all
+        # the monomials)
+        rows, starts = np.unique(j, return_index=True)
+        S[rows] -= np.add.reduceat(w[:, None] * phi, starts, axis=0)
+        T[rows] -= np.add.reduceat(wd[:, None] * phid, starts, axis=0)
         chi -= np.bincount(j, wd * df, minlength=P)
         rejected += np.bincount(j, minlength=P)
         # a pixel of image i is rejected from all its pairs when the pairs of i
