@@ -102,10 +102,19 @@ def valid_box(mask, shape, origin):
     ``mask`` (or None: all valid) has the image's ``shape``; the image's first
     pixel sits at grid index ``origin``.
     """
+    return _box_and_fill(mask, shape, origin)[0]
+
+
+def _box_and_fill(mask, shape, origin):
+    """:func:`valid_box`, and whether the mask marks every pixel of that box valid.
+
+    (True without a mask: the blocks need not read a mask that is all true
+    over its box.)
+    """
     if any(n == 0 for n in shape):
-        return None
+        return None, False
     if mask is None:
-        return tuple((o, o + n) for o, n in zip(origin, shape))
+        return tuple((o, o + n) for o, n in zip(origin, shape)), True
     mask = np.asarray(mask)  # a mask read by parts: whole, one at a time
     nz = mask if mask.dtype == bool else mask != 0
     box = []
@@ -113,9 +122,10 @@ def valid_box(mask, shape, origin):
         others = tuple(i for i in range(nz.ndim) if i != k)
         hit = np.flatnonzero(nz.any(axis=others)) if others else np.flatnonzero(nz)
         if hit.size == 0:
-            return None
+            return None, False
         box.append((int(hit[0]) + origin[k], int(hit[-1]) + 1 + origin[k]))
-    return tuple(box)
+    box = tuple(box)
+    return box, bool(nz[_slices(box, origin)].all())
 
 
 def _intersect(a, b):
@@ -178,17 +188,18 @@ def _sigma_block(prob, l, sl):
     return sb
 
 
-def _read_box(prob, l, box, step=None):
+def _read_box(prob, l, box, step=None, mask=True):
     """Image ``l``'s data, mask (None: no mask) and sigmas (None: a number) over ``box``.
 
     ``step`` (an int) takes every ``step``-th pixel of the box along each axis.
     The mask and sigmas are as given (the mask may be a view of the input).
+    ``mask=False``: the mask is not read (known to be all true there).
     """
     sl = _slices(box, prob.origins[l])
     if step is not None:
         sl = tuple(slice(s.start, s.stop, step) for s in sl)
     src = np.asarray(prob.images[l][sl])
-    m = prob.masks[l]
+    m = prob.masks[l] if mask else None
     mb = None if m is None else np.asarray(m[sl]).astype(bool, copy=False)
     sb = None if isinstance(prob.sigmas[l], float) else _sigma_block(prob, l, sl)
     return src, mb, sb
@@ -258,7 +269,7 @@ def _prepare_image(prob, l, box, step=None, read=None):
     return d, var, valid, (nonfinite, out, absurd)
 
 
-def _fill_image(prob, l, box, d, var):
+def _fill_image(prob, l, box, d, var, mask_full=False):
     """Write image ``l`` over ``box`` into its slots of a block's stacks.
 
     ``d`` and ``var`` are views of the box's shape. On return they hold what
@@ -267,14 +278,15 @@ def _fill_image(prob, l, box, d, var):
     every pixel of the box is valid) and the counts of
     :func:`_prepare_image`. The common cases (every pixel the mask marks valid is finite,
     with a usable sigma) cost a few whole-box operations, which release the
-    GIL; anything else goes through :func:`_prepare_image`.
+    GIL; anything else goes through :func:`_prepare_image`. ``mask_full``:
+    the image's mask is all true over its valid box (not read then).
     """
     s = prob.sigmas[l]
     if isinstance(s, float) and not SIGMA_MIN < s <= SIGMA_MAX:
         d[...] = 0.0
         var[...] = np.inf
         return np.zeros(d.shape, dtype=bool), _prepare_image(prob, l, box)[3]
-    read = _read_box(prob, l, box)
+    read = _read_box(prob, l, box, mask=not mask_full)
     src, mb, sb = read
     if mb is not None and mb.all():
         mb = None
@@ -472,6 +484,8 @@ class _Accumulator:
         self.rob = robust
         #: hits near the blocks' edges (see :meth:`band_hits`)
         self._hits = None
+        #: per image: its mask is all true over its valid box
+        self.mask_full = [False] * len(prob.images)
         self.prob = prob
         self.frame = frame
         self.bboxes = bboxes
@@ -938,7 +952,8 @@ class _Accumulator:
             return empty
         if len(boxes) == 1:  # no pairs; only the non-finite pixels to count
             l, box = boxes[0]
-            nonfinite[l] += _prepare_image(self.prob, l, box)[3]
+            read = _read_box(self.prob, l, box, mask=not self.mask_full[l])
+            nonfinite[l] += _prepare_image(self.prob, l, box, read=read)[3]
             return empty
 
         # The part of the block that some image covers, and stacks of the
@@ -961,7 +976,8 @@ class _Accumulator:
             if not full[i]:
                 Di.fill(0.0)
                 Vi.fill(np.inf)
-            valid, nf = _fill_image(self.prob, l, box, Di[subs[i]], Vi[subs[i]])
+            valid, nf = _fill_image(self.prob, l, box, Di[subs[i]], Vi[subs[i]],
+                                    self.mask_full[l])
             nonfinite[l] += nf
             valids.append(valid)
 
@@ -1209,9 +1225,11 @@ def _accumulate(prob, frame, pool, client=None, robust=None):
     n = len(prob.images)
     # the masks' boxes are whole-mask reductions: in the pool too
     mapper = map if pool is None else pool.map
-    bboxes = list(mapper(valid_box, prob.masks, [im.shape for im in prob.images],
-                         prob.origins))
+    boxes = list(mapper(_box_and_fill, prob.masks, [im.shape for im in prob.images],
+                        prob.origins))
+    bboxes = [b for b, _ in boxes]
     acc = _Accumulator(prob, frame, bboxes, robust)
+    acc.mask_full = [f for _, f in boxes]
 
     # a block holds data, variance and validity (float64) of each image
     max_pix = min(BLOCK_PIXELS, max(4096, BLOCK_BYTES // (24 * n)))
