@@ -14,7 +14,12 @@ Usage::
     python benchmarks/bench_match.py --threads-world   # issue 7's ratios only
     python benchmarks/bench_match.py --contention      # the machine's 2-thread ceiling
 
-Both print the time of robust matching (``robust='clip'``) against plain least
+``--threads-world`` runs the four cases of a degree (image / world, 1 / 2
+threads) interleaved in one process, so that the machine's drift hits them
+alike, and prints the ratios of the best times and the median of each
+round's own ratios.
+
+The full table and ``--quick`` print the time of robust matching (``robust='clip'``) against plain least
 squares on the same inputs, run after run (issue 8's target: at most 3x).
 """
 import argparse
@@ -147,34 +152,76 @@ def wait_quiet(limit=60.0, busy=0.15):
     return seen
 
 
-def threads_world(degrees=(1, 2)):
+TW_CASES = ((False, 1), (False, 2), (True, 1), (True, 2))  # (world?, threads)
+
+
+def threads_world_worker(degree, rounds):
+    """The four cases of one degree interleaved, ``rounds`` times, in this process.
+
+    Each round runs image/world x 1/2 threads once (in a rotating order, each
+    run after waiting for idle CPUs); prints every time. Interleaving makes the
+    machine's drift hit every case alike, and each round's ratios pair runs a
+    few seconds apart.
+    """
+    from jwst_wiimatch.match import match_lsq
+
+    images, masks, sigmas = make_inputs(10, 2048, 0)
+    times = {c: [] for c in TW_CASES}
+    busy = []
+    for r in range(rounds + 1):  # round 0 warms up
+        for i in range(len(TW_CASES)):
+            use_world, th = TW_CASES[(i + r) % len(TW_CASES)]
+            os.environ["JWST_WIIMATCH_THREADS"] = str(th)
+            b = wait_quiet(limit=10.0)
+            if b is not None and r:
+                busy.append(b)
+            t0 = time.perf_counter()
+            match_lsq(images, masks, sigmas, degree=degree, solver="RLU",
+                      image2world=world if use_world else None)
+            if r:
+                times[use_world, th].append(time.perf_counter() - t0)
+    print(json.dumps(dict(times=[times[c] for c in TW_CASES],
+                          busy=max(busy) if busy else None)))
+
+
+def threads_world(degrees=(1, 2), rounds=7):
     """Issue 7's figures: world/image time ratio and 2-thread speed-up, same run.
 
-    Each case runs in its own subprocess (best of 5), each run after waiting
-    for idle CPUs; the cases of a degree run one after the other.
+    One subprocess per degree runs the four cases interleaved (see
+    :func:`threads_world_worker`). Printed: the best time of each case and
+    the ratios of the bests, and the median over rounds of each round's own
+    ratios (the steadier figure on a machine whose speed drifts).
     """
-    print("threads and coordinates, ours, N=10 float32 2048^2, ~40% coverage, sigmas, "
-          "RLU (best of 5 each, each case in a subprocess)")
+    print(f"threads and coordinates, ours, N=10 float32 2048^2, ~40% coverage, sigmas, "
+          f"RLU (the four cases of a degree interleaved, {rounds} rounds)")
     print(f"{'degree':>6} {'image s (1/2 thr)':>18} {'world s (1/2 thr)':>18} "
           f"{'world/image':>12} {'2-thread speed-up':>18} {'busy CPUs':>9}")
     out = {}
     for deg in degrees:
-        t, busy = {}, []
-        for use_world in (False, True):
-            for th in (1, 2):
-                b = wait_quiet()
-                if b is not None:
-                    busy.append(b)
-                t[use_world, th] = run("ours", deg, use_world=use_world, threads=th)["time"]
-        ratio = (t[True, 1] / t[False, 1], t[True, 2] / t[False, 2])
-        speed = (t[False, 1] / t[False, 2], t[True, 1] / t[True, 2])
-        print(f"{deg:>6} {t[False, 1]:8.3f} / {t[False, 2]:.3f} {t[True, 1]:8.3f} / "
-              f"{t[True, 2]:.3f} {ratio[0]:6.2f} / {ratio[1]:.2f} "
+        cmd = [sys.executable, HERE, "--tw-worker", str(deg), str(rounds)]
+        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True)
+                         .stdout.strip().splitlines()[-1])
+        t = {c: np.array(v) for c, v in zip(TW_CASES, res["times"])}
+        best = {c: float(v.min()) for c, v in t.items()}
+        ratio = (best[True, 1] / best[False, 1], best[True, 2] / best[False, 2])
+        speed = (best[False, 1] / best[False, 2], best[True, 1] / best[True, 2])
+        med_ratio = (float(np.median(t[True, 1] / t[False, 1])),
+                     float(np.median(t[True, 2] / t[False, 2])))
+        med_speed = (float(np.median(t[False, 1] / t[False, 2])),
+                     float(np.median(t[True, 1] / t[True, 2])))
+        busy = res["busy"]
+        print(f"{deg:>6} {best[False, 1]:8.3f} / {best[False, 2]:.3f} {best[True, 1]:8.3f} / "
+              f"{best[True, 2]:.3f} {ratio[0]:6.2f} / {ratio[1]:.2f} "
               f"{speed[0]:7.2f}x / {speed[1]:.2f}x "
-              f"{max(busy) if busy else float('nan'):9.2f}")
-        out[deg] = dict(times=t, ratio=ratio, speedup=speed)
+              f"{float('nan') if busy is None else busy:9.2f}")
+        label = "median of the rounds' own ratios:"
+        print(f"{'':>6} {label:>37} "
+              f"{med_ratio[0]:6.2f} / {med_ratio[1]:.2f} "
+              f"{med_speed[0]:7.2f}x / {med_speed[1]:.2f}x")
+        out[deg] = dict(best=best, ratio=ratio, speedup=speed, median_ratio=med_ratio,
+                        median_speedup=med_speed)
     print("(world/image: 1 thread / 2 threads; speed-up: image / world; busy CPUs: the "
-          "most other processes used just before a case)")
+          "most other processes used just before a run)")
     return out
 
 
@@ -269,7 +316,11 @@ def main():
                         "and in two threads (the ceiling of the 2-thread speed-up)")
     p.add_argument("--worker", nargs=9, help=argparse.SUPPRESS)
     p.add_argument("--contention-worker", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--tw-worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.tw_worker:
+        threads_world_worker(int(args.tw_worker[0]), int(args.tw_worker[1]))
+        return
     if args.contention_worker:
         mode, start, deg, runs = args.contention_worker
         contention_worker(mode, float(start), int(deg), int(runs))
