@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .core import MatchWarning, match_backgrounds
 from .core.accumulate import valid_box
@@ -148,7 +149,12 @@ def map_models(library, function, *, modify, threads=None, progress=None, client
         with library:
             if threads == 1 or n < 2:
                 return [one(k) for k in range(n)]
-            with ThreadPoolExecutor(max_workers=min(threads, n)) as pool:
+            # each worker's matrix products on one BLAS thread: BLAS threads
+            # under every worker would oversubscribe the cores and busy-wait
+            # (the lattice's products took three times as long); set before
+            # the workers start, which is when they take the limit
+            with threadpool_limits(limits=1, user_api="blas"), \
+                    ThreadPoolExecutor(max_workers=min(threads, n)) as pool:
                 return list(pool.map(one, range(n)))
     finally:
         gc.unfreeze()

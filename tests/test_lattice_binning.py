@@ -122,3 +122,22 @@ def test_bin_image_against_loops(f, start, with_sigma):
 def test_bin_image_refuses_bad_factor():
     with pytest.raises(ValueError, match="binning factor"):
         bin_image(np.ones((4, 4)), None, np.ones((4, 4), bool), 0)
+
+
+@pytest.mark.parametrize("shape, rows, cols", [
+    ((2048, 2048), slice(0, 2048), slice(0, 2048)),
+    ((300, 517), slice(17, 150), slice(3, 517)),
+    ((5, 900), slice(0, 5), slice(100, 101)),
+])
+def test_lattice_box_equals_the_splines(shape, rows, cols):
+    """The box's matrix-product evaluation gives the splines' own values (FITPACK's)."""
+    wcs = _distorted_wcs(shape)
+    lat = fr.CoordinateLattice(fr.frame_function(wcs, [53.16, -27.79]), shape)
+    assert lat._splines is not None
+    ys = np.arange(rows.start, rows.stop, dtype=float)
+    xs = np.arange(cols.start, cols.stop, dtype=float)
+    got = lat.box(rows, cols)
+    for g, s in zip(got, lat._splines):
+        ref = s(ys, xs)
+        assert g.shape == ref.shape == (ys.size, xs.size)
+        np.testing.assert_allclose(g, ref, rtol=0, atol=1e-12 * float(np.ptp(ref) or 1.0))

@@ -513,13 +513,37 @@ class CoordinateLattice:
         return tuple(s.ev(y.ravel(), x.ravel()).reshape(x.shape) for s in self._splines)
 
     def box(self, rows, cols):
-        """Coordinates of every pixel of the box ``rows x cols`` (two slices)."""
+        """Coordinates of every pixel of the box ``rows x cols`` (two slices).
+
+        The splines are tensor products: on a box of pixels their values are
+        ``B_y @ C @ B_x.T``, with ``B`` the B-spline basis at the box's rows
+        and columns (4 non-zeros a row) and ``C`` a spline's coefficients.
+        As two matrix products (BLAS, without the interpreter lock) that is
+        about three times as fast as FITPACK's grid evaluation, which keeps
+        the lock, with the same values to rounding.
+        """
         ys = np.arange(rows.start, rows.stop, dtype=np.float64)
         xs = np.arange(cols.start, cols.stop, dtype=np.float64)
         if self._splines is None:
             gx, gy = np.meshgrid(xs, ys)
             return self.points(gx, gy)
-        return tuple(s(ys, xs) for s in self._splines)
+        ny, nx = self.shape
+        if ys.size == 0 or xs.size == 0 or ys[0] < 0 or xs[0] < 0 or \
+                ys[-1] > ny - 1 or xs[-1] > nx - 1:  # outside the lattice
+            return tuple(s(ys, xs) for s in self._splines)
+        from scipy.interpolate import BSpline
+
+        out, bases = [], {}
+        for s in self._splines:
+            (ty, tx), (ky, kx) = s.get_knots(), s.degrees
+            key = (ty.tobytes(), tx.tobytes(), ky, kx)
+            if key not in bases:
+                bases[key] = (BSpline.design_matrix(ys, ty, ky).toarray(),
+                              BSpline.design_matrix(xs, tx, kx).toarray())
+            by, bx = bases[key]
+            c = s.get_coeffs().reshape(by.shape[1], bx.shape[1])
+            out.append(np.dot(by, np.dot(c, bx.T)))
+        return tuple(out)
 
 
 def frame_function(wcs, refpoint):
