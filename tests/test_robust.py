@@ -253,6 +253,40 @@ def test_source_mask():
                        valid, np.ones(data.shape), nsigma=10) is None
 
 
+
+@pytest.mark.parametrize("with_sigma", [True, False])
+def test_source_mask_bands_and_brute_background(monkeypatch, with_sigma):
+    """Tested band by band of rows, the mask is that of one band; and the local
+    background is the bilinear interpolation of the tile medians (np.interp along
+    each axis, constant beyond the outer tile centres), checked away from the
+    threshold."""
+    from jwst_wiimatch.core import robust as rb
+
+    rng = np.random.default_rng(5)
+    shape = (203, 150)
+    y, x = np.indices(shape)
+    level = 0.02 * (1 + y / 20.0)  # noise growing tenfold down the rows
+    data = 3 + 0.02 * x - 0.01 * y + level * rng.standard_normal(shape)
+    data += (rng.random(shape) < 0.01) * rng.uniform(0, 3, shape)  # outliers of all sizes
+    valid = rng.random(shape) > 0.02
+    sigma = level if with_sigma else None
+    monkeypatch.setattr(rb, "SOURCE_BAND_ROWS", 10 ** 6)
+    whole = rb.source_mask(data, valid, sigma, nsigma=5, grow=0)
+    monkeypatch.setattr(rb, "SOURCE_BAND_ROWS", 7)
+    np.testing.assert_array_equal(rb.source_mask(data, valid, sigma, nsigma=5, grow=0), whole)
+    # brute force: the background from the tile medians by np.interp
+    med, rsig = rb._tile_stats(data, valid, rb.SOURCE_TILE, rb.SOURCE_THIN)
+    cy = (np.arange(med.shape[0]) + 0.5) * rb.SOURCE_TILE - 0.5
+    cx = (np.arange(med.shape[1]) + 0.5) * rb.SOURCE_TILE - 0.5
+    rows = np.array([np.interp(np.arange(shape[1]), cx, m) for m in med])
+    bkg = np.array([np.interp(np.arange(shape[0]), cy, c) for c in rows.T]).T
+    noise = sigma if with_sigma else np.repeat(np.repeat(rsig, rb.SOURCE_TILE, 0),
+                                               rb.SOURCE_TILE, 1)[:shape[0], :shape[1]]
+    z = (data - bkg) / noise
+    clear = np.abs(z - 5) > 1e-6  # away from the threshold: rounding cannot flip these
+    np.testing.assert_array_equal(whole[clear], (valid & (z > 5))[clear])
+
+
 # ----------------------------------------------------------------------
 # the steps
 # ----------------------------------------------------------------------

@@ -707,20 +707,27 @@ SOURCE_TILE = 16
 SOURCE_THIN = 2
 
 
-def _bilinear(grid, tile, shape):
-    """Values at every pixel of ``shape`` interpolated (bilinearly) between tile centres."""
-    out = grid
-    for axis, n in ((1, shape[1]), (0, shape[0])):
-        t = (np.arange(n) + 0.5) / tile - 0.5
-        m = out.shape[axis]
-        i0 = np.clip(np.floor(t).astype(np.int64), 0, m - 1)
-        i1 = np.clip(i0 + 1, 0, m - 1)
-        f = np.clip(t - i0, 0.0, 1.0)
-        if axis == 1:
-            out = out[:, i0] * (1 - f) + out[:, i1] * f
-        else:
-            out = out[i0, :] * (1 - f)[:, None] + out[i1, :] * f[:, None]
-    return out
+#: Rows of an image tested for sources at once (the temporaries of a band).
+SOURCE_BAND_ROWS = 256
+
+
+def _tile_weights(n, tile, m):
+    """Bilinear weights between ``m`` tile centres at ``n`` pixels: ``(i0, i1, f)``."""
+    t = (np.arange(n) + 0.5) / tile - 0.5
+    i0 = np.clip(np.floor(t).astype(np.int64), 0, m - 1)
+    i1 = np.clip(i0 + 1, 0, m - 1)
+    f = np.clip(t - i0, 0.0, 1.0)
+    return i0, i1, f
+
+
+def _bilinear_rows(gridx, weights, rows):
+    """Rows ``rows`` (a slice) of the bilinear interpolation between tile centres.
+
+    ``gridx``: the tile values already interpolated along x (tiles_y x nx);
+    ``weights``: :func:`_tile_weights` along y.
+    """
+    i0, i1, f = (w[rows] for w in weights)
+    return gridx[i0, :] * (1 - f)[:, None] + gridx[i1, :] * f[:, None]
 
 
 def _tile_stats(data, valid, tile, thin):
@@ -766,15 +773,29 @@ def source_mask(data, valid, sigma=None, nsigma=5.0, grow=2, tile=SOURCE_TILE,
     med, rsig = _tile_stats(data, valid, tile, thin)
     fill = np.nanmedian(med) if np.isfinite(med).any() else 0.0
     med = np.where(np.isfinite(med), med, fill)
-    bkg = _bilinear(med, tile, data.shape)
+    ny, nx = data.shape
+    # the local background, bilinear between tile centres: along x once (one
+    # row per tile row), along y band by band of rows with the test itself,
+    # so that no full-image float64 temporaries are made
+    xw = _tile_weights(nx, tile, med.shape[1])
+    medx = med[:, xw[0]] * (1 - xw[2]) + med[:, xw[1]] * xw[2]
+    yw = _tile_weights(ny, tile, med.shape[0])
     if sigma is None:
         sfill = np.nanmedian(rsig) if np.isfinite(rsig).any() else np.inf
         rsig = np.where(np.isfinite(rsig) & (rsig > 0), rsig, sfill)
-        noise = np.repeat(np.repeat(rsig, tile, 0), tile, 1)[:data.shape[0], :data.shape[1]]
+        rsig = np.repeat(rsig, tile, 1)[:, :nx]  # along x; rows: rsig[row // tile]
     else:
-        noise = np.asarray(sigma, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        hit = valid & (data - bkg > nsigma * noise)
+        sigma = np.asarray(sigma)
+    hit = np.empty(data.shape, dtype=bool)
+    for r0 in range(0, ny, SOURCE_BAND_ROWS):
+        rows = slice(r0, min(ny, r0 + SOURCE_BAND_ROWS))
+        bkg = _bilinear_rows(medx, yw, rows)
+        if sigma is None:
+            noise = rsig[np.arange(rows.start, rows.stop) // tile]
+        else:
+            noise = np.asarray(sigma[rows], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            hit[rows] = valid[rows] & (data[rows] - bkg > nsigma * noise)
     if not hit.any():
         return None
     if grow:
