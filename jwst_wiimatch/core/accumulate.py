@@ -479,13 +479,13 @@ class _Sums:
 
 
 class _Accumulator:
-    def __init__(self, prob, frame, bboxes, robust=None):
+    def __init__(self, prob, frame, bboxes, robust=None, mask_full=None):
         #: a :class:`jwst_wiimatch.core.robust.RobustPass` (None: plain sums)
         self.rob = robust
         #: hits near the blocks' edges (see :meth:`band_hits`)
         self._hits = None
-        #: per image: its mask is all true over its valid box
-        self.mask_full = [False] * len(prob.images)
+        #: per image: its mask is all true over its valid box (not read by blocks)
+        self.mask_full = [False] * len(prob.images) if mask_full is None else mask_full
         self.prob = prob
         self.frame = frame
         self.bboxes = bboxes
@@ -1227,9 +1227,9 @@ def _accumulate(prob, frame, pool, client=None, robust=None):
     mapper = map if pool is None else pool.map
     boxes = list(mapper(_box_and_fill, prob.masks, [im.shape for im in prob.images],
                         prob.origins))
-    bboxes = [b for b, _ in boxes]
-    acc = _Accumulator(prob, frame, bboxes, robust)
-    acc.mask_full = [f for _, f in boxes]
+    acc = _Accumulator(prob, frame, [b for b, _ in boxes], robust,
+                       mask_full=[f for _, f in boxes])
+    bboxes = acc.bboxes
 
     # a block holds data, variance and validity (float64) of each image
     max_pix = min(BLOCK_PIXELS, max(4096, BLOCK_BYTES // (24 * n)))
@@ -1244,19 +1244,17 @@ def _accumulate(prob, frame, pool, client=None, robust=None):
     blocks = [tuple(slice(a, b) for a, b in pcs) for pcs in itertools.product(*per_axis)]
 
     acc_sums = _Sums(n, int(np.prod(acc.mshape)), int(np.prod(acc.dshape)))
-    if robust is not None:  # before the blocks (and before a cluster gets acc)
-        with threadpool_limits(limits=1, user_api="blas"):
-            acc.band_hits(per_axis, max_pix, mapper)
     # The products here are small: a multi-threaded BLAS only adds overhead
     # (and contention with our own threads, which keep the cores busy).
     # Block results are added in block order whatever the threads: the sums
     # do not depend on the number of threads.
-    if client is not None:
-        for part in _on_cluster(client, acc, blocks):
-            acc_sums.add(part)
-        return acc_sums.moments(acc.mshape, acc.dshape)
     with threadpool_limits(limits=1, user_api="blas"):
-        if pool is not None and len(blocks) > 1:
+        if robust is not None:  # before the blocks (and before a cluster gets acc)
+            acc.band_hits(per_axis, max_pix, mapper)
+        if client is not None:
+            for part in _on_cluster(client, acc, blocks):
+                acc_sums.add(part)
+        elif pool is not None and len(blocks) > 1:
             for part in pool.map(acc.block, blocks):
                 acc_sums.add(part)
         else:

@@ -55,7 +55,16 @@ class Problem:
     terms: object = None
 
 
-class PartsArray:
+class _ReadByParts:
+    """What the arrays read by parts share (here and in the steps' scratch files):
+    ``np.asarray`` of one reads it whole (``self[...]`` over every axis)."""
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[(slice(None),) * self.ndim]
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+class PartsArray(_ReadByParts):
     """An input array that the engine reads by parts (blocks, strided samples).
 
     Wraps any object with ``shape``, ``dtype`` and numpy-style indexing by a
@@ -94,10 +103,6 @@ class PartsArray:
         if arr.dtype != self.dtype:  # e.g. a reader that scales on the way
             arr = arr.astype(self.dtype)
         return arr
-
-    def __array__(self, dtype=None, copy=None):
-        arr = self[(slice(None),) * self.ndim]
-        return arr if dtype is None else arr.astype(dtype, copy=False)
 
     def __len__(self):
         return self.shape[0]

@@ -25,15 +25,9 @@ import threading
 
 import numpy as np
 
+from ..core.inputs import _ReadByParts
+
 __all__ = ["ScratchStore", "ScratchArray", "positive_as_one"]
-
-
-class _ReadByParts:
-    """What the arrays of this module share: ``np.asarray`` of one reads it whole."""
-
-    def __array__(self, dtype=None, copy=None):
-        arr = self[(slice(None),) * self.ndim]
-        return arr if dtype is None else arr.astype(dtype, copy=False)
 
 
 class ScratchArray(_ReadByParts):
