@@ -399,3 +399,55 @@ def test_rejections_do_not_depend_on_block_cuts_nd(monkeypatch, shape):
     imgs, masks, sigs = _cosmic_ray_field_nd(shape)
     kw = dict(masks=masks, sigmas=sigs, degree=1, robust="clip", grow=1, threads=2)
     _same_for_any_blocks(monkeypatch, imgs, kw, (1 << 12, 700), min_rejected=100)
+
+
+# ----------------------------------------------------------------------
+# the start's pair scales
+# ----------------------------------------------------------------------
+def test_lag_scale_is_consistent_with_gradients_and_correlated_neighbours():
+    from jwst_wiimatch.core.robust import _lag_scale
+
+    rng = np.random.default_rng(5)
+    shape = (80, 90)
+    y, x = np.indices(shape)
+    var = rng.uniform(0.5, 2.0, shape)  # each pixel's own variance, as the sigmas say
+    # noise whose neighbours are correlated (a 2-pixel running mean per axis,
+    # as resampling makes), scaled back to unit variance per pixel
+    w = rng.normal(size=(shape[0] + 1, shape[1] + 1))
+    c = (w[:-1, :-1] + w[1:, :-1] + w[:-1, 1:] + w[1:, 1:]) / 2.0
+    D = 0.05 * x + 0.03 * y + 1e3 + c * np.sqrt(var)
+    s, n = _lag_scale(D, var, stride=1)
+    assert n > 10000
+    assert abs(s - 1.0) < 0.05, s
+    # the same data read as neighbours (no lag) would say ~0.7: the lag matters
+    s1, _ = _lag_scale(D, var, stride=8)
+    assert s1 < 0.8, s1
+    # NaN (not valid) drops out; too small to hold a lagged pair: None
+    D[::3] = np.nan
+    assert abs(_lag_scale(D, var, stride=1)[0] - 1.0) < 0.06
+    assert _lag_scale(D[:3, :3], var[:3, :3], stride=1) == (None, 0)
+
+
+def test_small_overlaps_get_the_noise_scale():
+    """A pair that shares a small corner of a large grid (a coarse start lattice
+    over it) is given the scale of its noise, and nothing of it is rejected
+    wholesale (which needed a pass over all pairs again)."""
+    rng = np.random.default_rng(11)
+    grid = (1400, 1400)
+    boxes = [((0, 0), (700, 700)), ((640, 640), (760, 760)), ((0, 660), (700, 740)),
+             ((660, 0), (740, 700))]
+    images, sigmas, origins = [], [], []
+    for k, ((y0, x0), shp) in enumerate(boxes):
+        y, x = np.indices(shp)
+        sig = rng.uniform(0.5, 1.5, shp)
+        images.append(0.3 * k + 1e-4 * (x + x0) - 2e-4 * (y + y0) + sig * rng.normal(size=shp))
+        sigmas.append(sig)
+        origins.append((y0, x0))
+    res = match_backgrounds(images, sigmas=sigmas, origins=origins, grid_shape=grid,
+                            degree=1, robust="clip")
+    info = res.robust
+    assert info["stride"] > 1 and info["loosened"] == []
+    small = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3)]  # 60x60 to 80x40 pixels
+    scales = [info["scale"][k] for k in small if k in info["scale"]]
+    assert len(scales) >= 4
+    assert all(abs(s - 1.0) < 0.15 for s in scales), scales

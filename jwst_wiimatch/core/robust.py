@@ -28,8 +28,9 @@ in three steps:
    subsets, fixed seed): the cells far from it, e.g. those of a glow over
    a minority of the overlap at one edge of it, which would tilt an L1 or
    Huber fit, get weight 0. The scale ``s_lm`` of each pair's normalised
-   residuals is measured there too (1.4826 x the median absolute deviation
-   from the cell medians).
+   residuals is measured there too: 1.4826 x the median absolute value of
+   the normalised differences between samples a few pixels apart (a smooth
+   background cancels in them).
 3. **Reweighted passes** (at most ``nclip``) over all the pixels, block by
    block, as the plain accumulation: a pixel whose residual, given the
    previous polynomials, exceeds ``nsigma * s_lm`` is rejected *together
@@ -314,11 +315,71 @@ def _thin(v):
     return v[::k] if k > 1 else v
 
 
+#: The start measures a pair's noise from differences of sampled pixels at
+#: least this many grid pixels apart (resampling correlates neighbours).
+LAG_PIXELS = 4
+#: A pair whose start lattice gives fewer such differences has its noise
+#: measured again on a finer lattice of its overlap (about 2x this many
+#: points): a median of few values scatters (a low one rejects good pixels).
+SCALE_SAMPLES = 1024
+
+
+def _lag_scale(D, V, stride):
+    """Robust sigma of a pair's normalised residuals from its sampled differences ``D``
+    (variances ``V``) and the number of differences it used, or ``(None, 0)`` when
+    no two valid samples are ``LAG_PIXELS`` apart.
+
+    The differences of samples a few pixels apart along each axis, each
+    divided by its noise ``sqrt(V_i + V_j)``, are ``N(0, 1)`` where the
+    noise is as the sigmas say and the background is smooth: 1.4826 x their
+    median absolute value is consistent whatever the overlap's size (the
+    spread about the medians of small cells is not: cells of 3 samples give
+    half the true sigma, which rejected most pixels of small overlaps and
+    cost a pass over all pairs).
+    """
+    lag = max(1, -(-LAG_PIXELS // stride))
+    parts = []
+    with np.errstate(invalid="ignore"):
+        for ax in range(D.ndim):
+            if D.shape[ax] <= lag:
+                continue
+            a = [slice(None)] * D.ndim
+            b = [slice(None)] * D.ndim
+            a[ax], b[ax] = slice(lag, None), slice(None, -lag)
+            a, b = tuple(a), tuple(b)
+            z = np.abs(D[a] - D[b]) / np.sqrt(V[a] + V[b])
+            z = z[np.isfinite(z)]
+            if z.size:
+                parts.append(z)
+    if not parts:
+        return None, 0
+    z = np.concatenate(parts)
+    return MAD_SIGMA * float(np.median(_thin(z))), z.size
+
+
+def _fine_scale(prob, l, m, stride):
+    """:func:`_lag_scale` of pair ``(l, m)`` on a lattice finer than ``stride`` over the
+    box the two images share (about ``2 * SCALE_SAMPLES`` points), or ``(None, 0)``."""
+    from .accumulate import _prepare_image
+
+    lo = [max(a, b) for a, b in zip(prob.origins[l], prob.origins[m])]
+    hi = [min(a + n, b + k) for a, b, n, k in zip(prob.origins[l], prob.origins[m],
+                                                 prob.images[l].shape, prob.images[m].shape)]
+    area = float(np.prod([b - a for a, b in zip(lo, hi)]))
+    step = int(max(1, min(stride - 1, (area / (2 * SCALE_SAMPLES)) ** (1.0 / len(lo)))))
+    box = tuple(zip(lo, hi))
+    (dl, vl, ok_l, _), (dm, vm, ok_m, _) = (_prepare_image(prob, k, box, step=step)
+                                           for k in (l, m))
+    D = np.where(ok_l & ok_m, dl - dm, np.nan)
+    return _lag_scale(D, vl + vm, step)
+
+
 def _pair_cells(sl, sm, stride, c, deg=None):
     """Cell medians of one pair's sampled differences.
 
     Returns ``(med, weight, pixel centres (one array per numpy axis), scale,
-    typical)`` or None when the pair shares no sampled pixel.
+    typical, cell counts, differences that gave the scale)`` or None when the
+    pair shares no sampled pixel.
     """
     (ol, yl, vl), (om, ym, vm) = sl, sm
     lo = [max(a, b) for a, b in zip(ol, om)]
@@ -329,7 +390,8 @@ def _pair_cells(sl, sm, stride, c, deg=None):
     im = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, om))
     with np.errstate(invalid="ignore"):
         D = yl[il] - ym[im]
-        W = 1.0 / (vl[il] + vm[im])
+        V = vl[il] + vm[im]
+        W = 1.0 / V
     nd = D.ndim
     c = (c,) * nd if np.isscalar(c) else tuple(c)
     if deg is not None:  # 2 (D + 1) cells along each axis of the pair's overlap
@@ -367,10 +429,12 @@ def _pair_cells(sl, sm, stride, c, deg=None):
                  + np.take_along_axis(srt, hi_i[:, None], 1)[:, 0])
     weight = Wc.sum(axis=1)
     sw = np.sqrt(Wc[valid])
-    dev = np.abs(Dc - med[:, None])[valid] * sw
-    scale = MAD_SIGMA * float(np.median(_thin(dev)))
+    scale, nscale = _lag_scale(D, V, stride)
+    if scale is None:  # no two sampled pixels near each other: the cells' spread
+        dev = np.abs(Dc - med[:, None])[valid] * sw
+        scale = MAD_SIGMA * float(np.median(_thin(dev)))
     typ = float(np.median(_thin(np.abs(Dc[valid]) * sw)))
-    return med, weight, centres, scale, typ, cnt
+    return med, weight, centres, scale, typ, cnt, nscale
 
 
 def _to_u(frame, pix):
@@ -486,7 +550,12 @@ def robust_start(prob, frame, samples, stride, solve, threads=1):
             if samples[l] is not None and samples[m] is not None]
 
     def one(key):
-        return _pair_cells(samples[key[0]], samples[key[1]], stride, c, deg)
+        res = _pair_cells(samples[key[0]], samples[key[1]], stride, c, deg)
+        if res is not None and stride > 1 and res[6] < SCALE_SAMPLES:
+            fine, nfine = _fine_scale(prob, key[0], key[1], stride)
+            if nfine > res[6]:
+                res = res[:3] + (fine,) + res[4:]
+        return res
 
     if threads > 1 and len(keys) > 1:  # sorts and array work release the GIL
         from concurrent.futures import ThreadPoolExecutor
@@ -498,7 +567,7 @@ def robust_start(prob, frame, samples, stride, solve, threads=1):
     for key, res in zip(keys, results):
         if res is None:
             continue
-        med, w, centres, s, typ, cnt = res
+        med, w, centres, s, typ, cnt, _ = res
         parts.append((key, med, w, centres, cnt))
         scales[key] = (s, typ)
     if not parts:
