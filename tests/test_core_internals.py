@@ -216,3 +216,41 @@ def test_terms_without_support_do_not_explode():
     x, y = 1.0 - kw["center"][0], 2.0 - kw["center"][1]
     p = [O.polyval_nd(c.reshape(2, 2), [np.array(x), np.array(y)]) for c in res.coef]
     assert float(p[0] - p[1]) == pytest.approx(a[2, 1] - b[2, 1], rel=1e-9)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("case", ["zeros", "negative", "nan", "tiny", "clean"])
+def test_fill_image_agrees_with_the_careful_path(with_mask, case):
+    """_fill_image's fast paths (including sigmas <= 0 read as 'not used')
+    give exactly what _prepare_image gives: data, variance, validity, counts."""
+    from jwst_wiimatch.core.accumulate import _fill_image, _prepare_image
+    from jwst_wiimatch.core.inputs import Problem
+
+    rng = np.random.default_rng(3)
+    shape = (30, 40)
+    img = rng.normal(size=shape).astype(np.float32)
+    sig = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    mask = rng.random(shape) > 0.2 if with_mask else None
+    if case == "zeros":
+        sig[:, :7] = 0.0  # outside a footprint within the box
+    elif case == "negative":
+        sig[3:9, 5:11] = -1.0
+        sig[0, 0] = 0.0
+    elif case == "nan":
+        sig[:, :7] = 0.0
+        sig[12, 20] = np.nan
+    elif case == "tiny":
+        sig[:, :7] = 0.0
+        sig[5, 30] = 1e-30
+    prob = Problem(images=[img], masks=[mask], sigmas=[sig], has_sigmas=True, shape=shape,
+                   degree=(1, 1), origins=[(0, 0)])
+    box = ((2, 28), (1, 39))
+    d_ref, v_ref, valid_ref, counts_ref = _prepare_image(prob, 0, box)
+    d = np.full(d_ref.shape, 7.0)
+    v = np.full(d_ref.shape, 7.0)
+    valid, counts = _fill_image(prob, 0, box, d, v)
+    np.testing.assert_array_equal(d, d_ref)
+    np.testing.assert_array_equal(v, v_ref)
+    np.testing.assert_array_equal(np.ones(shape, bool)[2:28, 1:39] if valid is None else valid,
+                                  valid_ref)
+    assert tuple(counts) == tuple(counts_ref)

@@ -291,6 +291,14 @@ def _fill_image(prob, l, box, d, var, mask_full=False):
     if mb is not None and mb.all():
         mb = None
     ok = True
+    if sb is not None:
+        # sigmas <= 0 mark pixels not used (e.g. outside a footprint within
+        # its box): a mask of them keeps such boxes on the fast path. (A NaN
+        # sigma makes the minimum NaN: the careful path counts it.)
+        lo = float(np.min(sb) if mb is None else np.min(sb, where=mb, initial=np.inf))
+        if lo <= 0:
+            used = ~(sb <= 0)
+            mb = used if mb is None else (mb & used)
     if sb is not None:  # sigmas whose squares are normal float64 numbers
         # (no finite float32 sigma is too large: the upper bound needs no
         # pass there, an infinite one is caught by the finiteness test below)
