@@ -451,3 +451,72 @@ def test_small_overlaps_get_the_noise_scale():
     scales = [info["scale"][k] for k in small if k in info["scale"]]
     assert len(scales) >= 4
     assert all(abs(s - 1.0) < 0.15 for s in scales), scales
+
+
+def _tile_mosaic(seed, tile=400, overlap=24):
+    """3 x 3 tiles with narrow overlaps (a coarse start lattice over them)."""
+    rng = np.random.default_rng(seed)
+    n = 3 * tile - 2 * overlap
+    images, sigmas, origins = [], [], []
+    for i in range(3):
+        for j in range(3):
+            y0, x0 = i * (tile - overlap) + rng.integers(0, 3), j * (tile - overlap) + rng.integers(0, 3)
+            shp = (min(tile, n - y0), min(tile, n - x0))
+            y, x = np.indices(shp)
+            sig = rng.uniform(0.5, 1.5, shp)
+            a = rng.normal(size=3)
+            images.append(a[0] + 1e-3 * (a[1] * (x + x0) + a[2] * (y + y0))
+                          + sig * rng.normal(size=shp))
+            sigmas.append(sig)
+            origins.append((y0, x0))
+    return images, sigmas, origins, (n, n)
+
+
+def test_start_is_closer_with_finer_cells_on_narrow_overlaps(monkeypatch):
+    """Pairs with few samples on the start's lattice get their cells from a finer
+    lattice of their overlap: the start is closer to the first pass's fit (the
+    passes stop sooner), compared with the start lattice alone."""
+    import math
+
+    import jwst_wiimatch.core.robust as R
+    from jwst_wiimatch.core.solve import gram_index
+
+    got = {}
+    start = R.robust_start
+
+    def recording_start(*a, **k):
+        coef, sc = start(*a, **k)
+        got["start"] = coef.copy()
+        return coef, sc
+
+    change = R.change_small
+
+    def recording_change(opts, old, new, mom, scales, degree):
+        if "change" not in got:  # the first pass against the start
+            idx = gram_index(degree)
+            worst = 0.0
+            for (l, m), s_ in mom.S.items():
+                kept = mom.npix[(l, m)] - mom.rejected.get((l, m), 0)
+                dc = (new[l] - new[m]) - (got["start"][l] - got["start"][m])
+                worst = max(worst, math.sqrt(max(float(dc @ s_[idx] @ dc), 0.0) / kept))
+            got["change"] = worst
+        return change(opts, old, new, mom, scales, degree)
+
+    monkeypatch.setattr(R, "robust_start", recording_start)
+    monkeypatch.setattr(R, "change_small", recording_change)
+
+    def run(samples):
+        monkeypatch.setattr(R, "SCALE_SAMPLES", samples)
+        out = []
+        for seed in range(4):
+            images, sigmas, origins, grid = _tile_mosaic(seed)
+            got.clear()
+            res = match_backgrounds(images, sigmas=sigmas, origins=origins, grid_shape=grid,
+                                    degree=1, robust="clip")
+            assert res.robust["stride"] > 1
+            out.append((got["change"], res.robust["passes"]))
+        return np.array(out)
+
+    fine, coarse = run(R.SCALE_SAMPLES), run(0)
+    assert fine[:, 0].mean() < 0.85 * coarse[:, 0].mean(), (fine, coarse)
+    assert fine[:, 1].sum() <= coarse[:, 1].sum()

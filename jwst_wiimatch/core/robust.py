@@ -30,7 +30,10 @@ in three steps:
    Huber fit, get weight 0. The scale ``s_lm`` of each pair's normalised
    residuals is measured there too: 1.4826 x the median absolute value of
    the normalised differences between samples a few pixels apart (a smooth
-   background cancels in them).
+   background cancels in them). A pair with few samples on the lattice (a
+   small or narrow overlap on a large grid) is sampled again, for its cells
+   and its scale, on a finer lattice of the box the two images share, its
+   cells' weights scaled back to the lattice's density of samples.
 3. **Reweighted passes** (at most ``nclip``) over all the pixels, block by
    block, as the plain accumulation: a pixel whose residual, given the
    previous polynomials, exceeds ``nsigma * s_lm`` is rejected *together
@@ -357,9 +360,10 @@ def _lag_scale(D, V, stride):
     return MAD_SIGMA * float(np.median(_thin(z))), z.size
 
 
-def _fine_scale(prob, l, m, stride):
-    """:func:`_lag_scale` of pair ``(l, m)`` on a lattice finer than ``stride`` over the
-    box the two images share (about ``2 * SCALE_SAMPLES`` points), or ``(None, 0)``."""
+def _fine_samples(prob, l, m, stride):
+    """Pair ``(l, m)`` sampled on a lattice finer than ``stride`` over the box the
+    two images share (about ``2 * SCALE_SAMPLES`` points): ``(step, sample of l,
+    sample of m)`` as :func:`_samples` gives them, or None when the box is empty."""
     from .accumulate import _prepare_image
 
     lo = [max(a, b) for a, b in zip(prob.origins[l], prob.origins[m])]
@@ -367,11 +371,16 @@ def _fine_scale(prob, l, m, stride):
                                                  prob.images[l].shape, prob.images[m].shape)]
     area = float(np.prod([b - a for a, b in zip(lo, hi)]))
     step = int(max(1, min(stride - 1, (area / (2 * SCALE_SAMPLES)) ** (1.0 / len(lo)))))
+    lo = [-(-a // step) * step for a in lo]  # on the lattice of the step
+    if any(a >= b for a, b in zip(lo, hi)):
+        return None
     box = tuple(zip(lo, hi))
-    (dl, vl, ok_l, _), (dm, vm, ok_m, _) = (_prepare_image(prob, k, box, step=step)
-                                           for k in (l, m))
-    D = np.where(ok_l & ok_m, dl - dm, np.nan)
-    return _lag_scale(D, vl + vm, step)
+    org = tuple(a // step for a in lo)
+    out = [step]
+    for k in (l, m):
+        d, var, ok, _ = _prepare_image(prob, k, box, step=step)
+        out.append((org, np.where(ok, d, np.nan), var))
+    return tuple(out)
 
 
 def _pair_cells(sl, sm, stride, c, deg=None):
@@ -542,6 +551,7 @@ def robust_start(prob, frame, samples, stride, solve, threads=1):
     # cells per axis: at most c lattice points, and small enough that the
     # grid holds 2 (D + 1) cells along each axis (so that every term of the
     # polynomial is determined by the cell medians)
+    c_fine = (c,) * nd
     c = tuple(max(1, min(c, -(-n // stride) // (2 * (deg[nd - 1 - k] + 1))))
               for k, n in enumerate(prob.shape))
     mdeg = tuple(2 * d for d in deg)
@@ -550,12 +560,20 @@ def robust_start(prob, frame, samples, stride, solve, threads=1):
             if samples[l] is not None and samples[m] is not None]
 
     def one(key):
+        """The pair's cells, and the weight factor of its cells in the joint fit."""
         res = _pair_cells(samples[key[0]], samples[key[1]], stride, c, deg)
         if res is not None and stride > 1 and res[6] < SCALE_SAMPLES:
-            fine, nfine = _fine_scale(prob, key[0], key[1], stride)
-            if nfine > res[6]:
-                res = res[:3] + (fine,) + res[4:]
-        return res
+            # few samples on the start's lattice (a small overlap): the cells
+            # of a finer lattice, whose medians and scale scatter less; their
+            # weights (sums over more samples) are scaled back to the start
+            # lattice's density of samples, as the other pairs' are
+            fine = _fine_samples(prob, key[0], key[1], stride)
+            if fine is not None:
+                step, fl, fm = fine
+                res2 = _pair_cells(fl, fm, step, c_fine, deg)
+                if res2 is not None and res2[6] > res[6]:
+                    return res2, (step / stride) ** nd
+        return res, 1.0
 
     if threads > 1 and len(keys) > 1:  # sorts and array work release the GIL
         from concurrent.futures import ThreadPoolExecutor
@@ -564,11 +582,13 @@ def robust_start(prob, frame, samples, stride, solve, threads=1):
             results = list(pool.map(one, keys))
     else:
         results = [one(k) for k in keys]
-    for key, res in zip(keys, results):
+    factors = []
+    for key, (res, factor) in zip(keys, results):
         if res is None:
             continue
         med, w, centres, s, typ, cnt, _ = res
         parts.append((key, med, w, centres, cnt))
+        factors.append(factor)
         scales[key] = (s, typ)
     if not parts:
         return solve({}, {}), scales
@@ -582,7 +602,8 @@ def robust_start(prob, frame, samples, stride, solve, threads=1):
     for p in parts:
         slices.append(slice(pos, pos + p[1].size))
         pos += p[1].size
-    base = [np.where(fin[sl] & (p[2] > 0), p[2], 0.0) for p, sl in zip(parts, slices)]
+    base = [np.where(fin[sl] & (p[2] > 0), f * p[2], 0.0)
+            for p, sl, f in zip(parts, slices, factors)]
 
     def fit(weights):
         S, T = {}, {}
