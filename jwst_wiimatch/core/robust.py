@@ -341,13 +341,16 @@ def _lag_scale(D, V, stride):
     cost a pass over all pairs).
     """
     lag = max(1, -(-LAG_PIXELS // stride))
+    nd = D.ndim
+    # about MEDIAN_SAMPLE differences per axis: every t-th line across it
+    t = max(1, int((D.size / MEDIAN_SAMPLE) ** (1.0 / (nd - 1)))) if nd > 1 else 1
     parts = []
     with np.errstate(invalid="ignore"):
-        for ax in range(D.ndim):
+        for ax in range(nd):
             if D.shape[ax] <= lag:
                 continue
-            a = [slice(None)] * D.ndim
-            b = [slice(None)] * D.ndim
+            a = [slice(None, None, t)] * nd
+            b = [slice(None, None, t)] * nd
             a[ax], b[ax] = slice(lag, None), slice(None, -lag)
             a, b = tuple(a), tuple(b)
             z = np.abs(D[a] - D[b]) / np.sqrt(V[a] + V[b])
@@ -360,17 +363,23 @@ def _lag_scale(D, V, stride):
     return MAD_SIGMA * float(np.median(_thin(z))), z.size
 
 
-def _fine_samples(prob, l, m, stride):
+def _fine_samples(prob, l, m, stride, span):
     """Pair ``(l, m)`` sampled on a lattice finer than ``stride`` over the box the
-    two images share (about ``2 * SCALE_SAMPLES`` points): ``(step, sample of l,
-    sample of m)`` as :func:`_samples` gives them, or None when the box is empty."""
+    two images share within ``span`` (the grid box around the pair's valid
+    start samples), about ``2 * SCALE_SAMPLES`` points: ``(step, sample of l,
+    sample of m)`` as :func:`_samples` gives them, or None when the box is
+    empty or would not be sampled at least twice as finely along each axis."""
     from .accumulate import _prepare_image
 
-    lo = [max(a, b) for a, b in zip(prob.origins[l], prob.origins[m])]
-    hi = [min(a + n, b + k) for a, b, n, k in zip(prob.origins[l], prob.origins[m],
-                                                 prob.images[l].shape, prob.images[m].shape)]
+    lo = [max(a, b, c[0]) for a, b, c in zip(prob.origins[l], prob.origins[m], span)]
+    hi = [min(a + n, b + k, c[1]) for a, b, n, k, c in zip(
+        prob.origins[l], prob.origins[m], prob.images[l].shape, prob.images[m].shape, span)]
+    if any(a >= b for a, b in zip(lo, hi)):
+        return None
     area = float(np.prod([b - a for a, b in zip(lo, hi)]))
-    step = int(max(1, min(stride - 1, (area / (2 * SCALE_SAMPLES)) ** (1.0 / len(lo)))))
+    step = int(max(1, (area / (2 * SCALE_SAMPLES)) ** (1.0 / len(lo))))
+    if 2 * step > stride:
+        return None
     lo = [-(-a // step) * step for a in lo]  # on the lattice of the step
     if any(a >= b for a, b in zip(lo, hi)):
         return None
@@ -387,8 +396,8 @@ def _pair_cells(sl, sm, stride, c, deg=None):
     """Cell medians of one pair's sampled differences.
 
     Returns ``(med, weight, pixel centres (one array per numpy axis), scale,
-    typical, cell counts, differences that gave the scale)`` or None when the
-    pair shares no sampled pixel.
+    typical, cell counts, differences that gave the scale, the grid box
+    around the valid samples)`` or None when the pair shares no sampled pixel.
     """
     (ol, yl, vl), (om, ym, vm) = sl, sm
     lo = [max(a, b) for a, b in zip(ol, om)]
@@ -443,7 +452,12 @@ def _pair_cells(sl, sm, stride, c, deg=None):
         dev = np.abs(Dc - med[:, None])[valid] * sw
         scale = MAD_SIGMA * float(np.median(_thin(dev)))
     typ = float(np.median(_thin(np.abs(Dc[valid]) * sw)))
-    return med, weight, centres, scale, typ, cnt, nscale
+    # the grid box (numpy order) around the valid samples: where a finer
+    # lattice of the pair is worth reading
+    vidx = np.nonzero(~np.isnan(D))
+    span = tuple((stride * (lo[k] + int(vidx[k].min()) - 1) + 1,
+                  stride * (lo[k] + int(vidx[k].max()) + 1)) for k in range(nd))
+    return med, weight, centres, scale, typ, cnt, nscale, span
 
 
 def _to_u(frame, pix):
@@ -567,7 +581,7 @@ def robust_start(prob, frame, samples, stride, solve, threads=1):
             # of a finer lattice, whose medians and scale scatter less; their
             # weights (sums over more samples) are scaled back to the start
             # lattice's density of samples, as the other pairs' are
-            fine = _fine_samples(prob, key[0], key[1], stride)
+            fine = _fine_samples(prob, key[0], key[1], stride, res[7])
             if fine is not None:
                 step, fl, fm = fine
                 res2 = _pair_cells(fl, fm, step, c_fine, deg)
@@ -586,7 +600,7 @@ def robust_start(prob, frame, samples, stride, solve, threads=1):
     for key, (res, factor) in zip(keys, results):
         if res is None:
             continue
-        med, w, centres, s, typ, cnt, _ = res
+        med, w, centres, s, typ, cnt = res[:6]
         parts.append((key, med, w, centres, cnt))
         factors.append(factor)
         scales[key] = (s, typ)
