@@ -254,3 +254,35 @@ def test_fill_image_agrees_with_the_careful_path(with_mask, case):
     np.testing.assert_array_equal(np.ones(shape, bool)[2:28, 1:39] if valid is None else valid,
                                   valid_ref)
     assert tuple(counts) == tuple(counts_ref)
+
+
+@pytest.mark.parametrize("shape,degree", [((60, 80), (1, 1)), ((60, 80), (2, 1)),
+                                          ((60, 80), (0, 2)), ((20, 24, 28), (1, 2, 1))])
+def test_image_polys_against_monomials(monkeypatch, shape, degree):
+    """The robust passes' polynomial of each image over a box equals the sum of
+    its coefficients times the monomials of the scaled coordinates."""
+    import jwst_wiimatch.core.accumulate as A
+    from jwst_wiimatch.core.poly import monomials
+    from jwst_wiimatch.core.robust import _to_u
+
+    seen = {}
+    init = A._Accumulator.__init__
+
+    def recording(self, *a, **k):
+        init(self, *a, **k)
+        seen.setdefault("acc", self)
+
+    monkeypatch.setattr(A._Accumulator, "__init__", recording)
+    rng = np.random.default_rng(len(shape) + sum(degree))
+    ims = [rng.normal(size=shape) + k for k in range(3)]
+    match_backgrounds(ims, degree=degree[0] if len(set(degree)) == 1 else degree,
+                      robust="clip", threads=1)
+    acc = seen["acc"]
+    acc.rob.coef_u = rng.normal(size=acc.rob.coef_u.shape)  # each term its own value
+    ebox = tuple((2, n - 3) for n in shape)
+    labels = [2, 0]
+    got = acc._image_polys(labels, ebox, None, None)
+    pix = [a.ravel() for a in np.indices(tuple(hi - lo for lo, hi in ebox))]
+    pix = [p + lo for p, (lo, _) in zip(pix, ebox)]
+    want = acc.rob.coef_u[labels] @ monomials(_to_u(acc.frame, pix), acc.deg)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())

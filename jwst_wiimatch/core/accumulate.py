@@ -617,6 +617,11 @@ class _Accumulator:
         nd = len(ebox)
         if self.frame.separable:
             sl = _slices(ebox)
+            if nd == 2:  # P_y C^T P_x^T per image: two matrix products, no transposed copy
+                px = self.axis_powers[0][sl[1]][:, :self.deg[0] + 1]
+                py = self.axis_powers[1][sl[0]][:, :self.deg[1] + 1]
+                ct = coef.reshape((k,) + self.dshape).transpose(0, 2, 1)
+                return np.matmul(np.matmul(py, ct), px.T).reshape(k, -1)
             arr = coef.reshape((k,) + self.dshape)
             for j in range(nd):
                 p = self.axis_powers[j][sl[nd - 1 - j]][:, :self.deg[j] + 1]
