@@ -291,24 +291,21 @@ def _fill_image(prob, l, box, d, var, mask_full=False):
     if mb is not None and mb.all():
         mb = None
     ok = True
-    if sb is not None:
-        # sigmas <= 0 mark pixels not used (e.g. outside a footprint within
-        # its box): a mask of them keeps such boxes on the fast path. (A NaN
-        # sigma makes the minimum NaN: the careful path counts it.)
+    if sb is not None:  # sigmas whose squares are normal float64 numbers
         lo = float(np.min(sb) if mb is None else np.min(sb, where=mb, initial=np.inf))
         if lo <= 0:
+            # sigmas <= 0 mark pixels not used (e.g. outside a footprint
+            # within its box): a mask of them keeps such boxes on the fast
+            # path. (A NaN sigma makes the minimum NaN: the careful path
+            # counts it.)
             used = ~(sb <= 0)
             mb = used if mb is None else (mb & used)
-    if sb is not None:  # sigmas whose squares are normal float64 numbers
+            lo = float(np.min(sb, where=mb, initial=np.inf))
         # (no finite float32 sigma is too large: the upper bound needs no
         # pass there, an infinite one is caught by the finiteness test below)
         big = sb.dtype.kind == "f" and float(np.finfo(sb.dtype).max) > SIGMA_MAX
-        if mb is None:
-            ok = float(np.min(sb)) > SIGMA_MIN and \
-                (not big or float(np.max(sb)) <= SIGMA_MAX)
-        else:
-            ok = float(np.min(sb, where=mb, initial=np.inf)) > SIGMA_MIN and \
-                (not big or float(np.max(sb, where=mb, initial=0.0)) <= SIGMA_MAX)
+        ok = lo > SIGMA_MIN and (not big or float(
+            np.max(sb) if mb is None else np.max(sb, where=mb, initial=0.0)) <= SIGMA_MAX)
     if ok:
         if mb is None:
             np.copyto(d, src)
