@@ -30,10 +30,11 @@ in three steps:
    Huber fit, get weight 0. The scale ``s_lm`` of each pair's normalised
    residuals is measured there too (1.4826 x the median absolute deviation
    from the cell medians, each cell's made consistent for its number of
-   samples: cells of few samples give a fraction of the sigma). A pair with few samples on the lattice (a
-   small or narrow overlap on a large grid) is sampled again, for its cells
-   and its scale, on a finer lattice of the box the two images share, its
-   cells' weights scaled back to the lattice's density of samples.
+   samples: cells of few samples give a fraction of the sigma). A pair with
+   few samples on the lattice (a small or narrow overlap on a large grid) is
+   sampled again, for its cells and its scale, on a finer lattice of the box
+   the two images share, its cells' weights scaled back to the lattice's
+   density of samples.
 3. **Reweighted passes** (at most ``nclip``) over all the pixels, block by
    block, as the plain accumulation: a pixel whose residual, given the
    previous polynomials, exceeds ``nsigma * s_lm`` is rejected *together
@@ -49,6 +50,7 @@ Everything is per pair and per block: nothing holds N full-grid arrays.
 """
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -211,23 +213,28 @@ def lattice_stride(shape):
 
 def _samples(prob, stride):
     """Per image: (lattice origin, data with NaN where not valid, variance) or None."""
+    return [_lattice_sample(prob, l, _image_box(prob, l), stride)
+            for l in range(len(prob.images))]
+
+
+def _image_box(prob, l):
+    """The grid box (numpy order) of image ``l``'s array."""
+    return tuple((o, o + n) for o, n in zip(prob.origins[l], prob.images[l].shape))
+
+
+def _lattice_sample(prob, l, box, step):
+    """Image ``l`` at the grid points of ``box`` whose indices are multiples of
+    ``step``: ``(lattice origin, data with NaN where not valid, variance)``, or
+    None when none of them is valid."""
     from .accumulate import _prepare_image
 
-    out = []
-    for l, im in enumerate(prob.images):
-        origin = prob.origins[l]
-        first = [(-o) % stride for o in origin]
-        box = tuple((o + f, o + n) for o, f, n in zip(origin, first, im.shape))
-        if any(lo >= hi for lo, hi in box):
-            out.append(None)
-            continue
-        d, var, valid, _ = _prepare_image(prob, l, box, step=stride)
-        if not valid.any():
-            out.append(None)
-            continue
-        y = np.where(valid, d, np.nan)
-        out.append((tuple(lo // stride for lo, _ in box), y, var))
-    return out
+    box = tuple((-(-lo // step) * step, hi) for lo, hi in box)
+    if any(lo >= hi for lo, hi in box):
+        return None
+    d, var, valid, _ = _prepare_image(prob, l, box, step=step)
+    if not valid.any():
+        return None
+    return tuple(lo // step for lo, _ in box), np.where(valid, d, np.nan), var
 
 
 def auto_limits(samples, has_sigmas, factor=ABSURD_FACTOR):
@@ -347,36 +354,40 @@ def _fine_samples(prob, l, m, stride, span):
     two images share within ``span`` (the grid box around the pair's valid
     start samples), about ``2 * SCALE_SAMPLES`` points: ``(step, sample of l,
     sample of m)`` as :func:`_samples` gives them, or None when the box is
-    empty or would not be sampled at least twice as finely along each axis."""
-    from .accumulate import _prepare_image
+    empty, would not be sampled at least twice as finely along each axis, or
+    an image has no valid pixel there."""
+    from .accumulate import _intersect
 
-    lo = [max(a, b, c[0]) for a, b, c in zip(prob.origins[l], prob.origins[m], span)]
-    hi = [min(a + n, b + k, c[1]) for a, b, n, k, c in zip(
-        prob.origins[l], prob.origins[m], prob.images[l].shape, prob.images[m].shape, span)]
-    if any(a >= b for a, b in zip(lo, hi)):
-        return None
-    area = float(np.prod([b - a for a, b in zip(lo, hi)]))
-    step = int(max(1, (area / (2 * SCALE_SAMPLES)) ** (1.0 / len(lo))))
+    box = span
+    for k in (l, m):
+        box = _intersect(box, _image_box(prob, k))
+        if box is None:
+            return None
+    area = float(np.prod([b - a for a, b in box]))
+    step = int(max(1, (area / (2 * SCALE_SAMPLES)) ** (1.0 / len(box))))
     if 2 * step > stride:
         return None
-    lo = [-(-a // step) * step for a in lo]  # on the lattice of the step
-    if any(a >= b for a, b in zip(lo, hi)):
-        return None
-    box = tuple(zip(lo, hi))
-    org = tuple(a // step for a in lo)
-    out = [step]
-    for k in (l, m):
-        d, var, ok, _ = _prepare_image(prob, k, box, step=step)
-        out.append((org, np.where(ok, d, np.nan), var))
-    return tuple(out)
+    fl, fm = (_lattice_sample(prob, k, box, step) for k in (l, m))
+    return None if fl is None or fm is None else (step, fl, fm)
+
+
+class _PairCells(NamedTuple):
+    """What :func:`_pair_cells` gives for one pair."""
+
+    med: np.ndarray  # the cells' medians of the sampled differences
+    weight: np.ndarray  # the cells' summed weights
+    centres: list  # the cells' pixel centres, one array per numpy axis
+    scale: float  # robust sigma of the normalised residuals
+    typ: float  # typical normalised difference
+    cnt: np.ndarray  # valid samples per cell
+    nscale: int  # samples that gave the scale
+    span: tuple  # grid box (numpy order) around the valid samples
 
 
 def _pair_cells(sl, sm, stride, c, deg=None):
     """Cell medians of one pair's sampled differences.
 
-    Returns ``(med, weight, pixel centres (one array per numpy axis), scale,
-    typical, cell counts, samples that gave the scale, the grid box around
-    the valid samples)`` or None when the pair shares no sampled pixel.
+    Returns a :class:`_PairCells`, or None when the pair shares no sampled pixel.
     """
     (ol, yl, vl), (om, ym, vm) = sl, sm
     lo = [max(a, b) for a, b in zip(ol, om)]
@@ -436,7 +447,7 @@ def _pair_cells(sl, sm, stride, c, deg=None):
     vidx = np.nonzero(~np.isnan(D))
     span = tuple((stride * (lo[k] + int(vidx[k].min()) - 1) + 1,
                   stride * (lo[k] + int(vidx[k].max()) + 1)) for k in range(nd))
-    return med, weight, centres, scale, typ, cnt, nscale, span
+    return _PairCells(med, weight, centres, scale, typ, cnt, nscale, span)
 
 
 def _to_u(frame, pix):
@@ -555,16 +566,16 @@ def robust_start(prob, frame, samples, stride, solve, threads=1):
     def one(key):
         """The pair's cells, and the weight factor of its cells in the joint fit."""
         res = _pair_cells(samples[key[0]], samples[key[1]], stride, c, deg)
-        if res is not None and stride > 1 and res[6] < SCALE_SAMPLES:
+        if res is not None and stride > 1 and res.nscale < SCALE_SAMPLES:
             # few samples on the start's lattice (a small overlap): the cells
             # of a finer lattice, whose medians and scale scatter less; their
             # weights (sums over more samples) are scaled back to the start
             # lattice's density of samples, as the other pairs' are
-            fine = _fine_samples(prob, key[0], key[1], stride, res[7])
+            fine = _fine_samples(prob, key[0], key[1], stride, res.span)
             if fine is not None:
                 step, fl, fm = fine
                 res2 = _pair_cells(fl, fm, step, c_fine, deg)
-                if res2 is not None and res2[6] > res[6]:
+                if res2 is not None and res2.nscale > res.nscale:
                     return res2, (step / stride) ** nd
         return res, 1.0
 
@@ -579,10 +590,9 @@ def robust_start(prob, frame, samples, stride, solve, threads=1):
     for key, (res, factor) in zip(keys, results):
         if res is None:
             continue
-        med, w, centres, s, typ, cnt = res[:6]
-        parts.append((key, med, w, centres, cnt))
+        parts.append((key, res.med, res.weight, res.centres, res.cnt))
         factors.append(factor)
-        scales[key] = (s, typ)
+        scales[key] = (res.scale, res.typ)
     if not parts:
         return solve({}, {}), scales
     allc = [np.concatenate([p[3][k] for p in parts]) for k in range(nd)]
