@@ -408,6 +408,74 @@ STACK_ELEMS = 1 << 17
 WORLD_CHUNK_ELEMS = 1 << 19
 
 
+# World coordinates: a block's moments from Chebyshev series of its world
+# monomials (see _Accumulator._world_fit) when the series agree with the
+# monomials to WORLD_FIT_TOL of their magnitude; the series' degree per axis
+# is at most twice the polynomial's total degree (exact for an affine frame)
+# plus WORLD_FIT_EXTRA; a fit is tried where the block has at least
+# WORLD_FIT_MIN_GAIN times as many pixels as the fit evaluates the frame at.
+WORLD_FIT = True
+WORLD_FIT_TOL = 1e-12
+WORLD_FIT_EXTRA = 6
+WORLD_FIT_MIN_GAIN = 8
+
+
+class _WorldFit(NamedTuple):
+    """A block's world monomials as tensor Chebyshev series (axes in ``(x, y, ...)`` order)."""
+
+    bases_S: list  # per axis: (pixels of the block's axis, degree + 1) Chebyshev values
+    bases_T: list  # the same, for the monomials of T (lower degrees)
+    CS: np.ndarray  # (rows of the world monomials, product of the degrees + 1)
+    CT: np.ndarray  # (their first rows, T's monomials, ...)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fit_axis(lo, hi, kmax):
+    """Nodes, check grid and Chebyshev tables of :meth:`_Accumulator._world_fit`
+    along one axis of a block (pixels ``lo:hi``, at most ``kmax + 1`` nodes;
+    cached: blocks share their cuts). None: no set of distinct nodes."""
+    n = hi - lo
+    mid, half = (lo + hi - 1) / 2.0, max((n - 1) / 2.0, 0.5)
+    if n <= kmax + 1:  # every pixel a node: exact along this axis
+        nodes = grid = np.arange(lo, hi, dtype=float)
+    else:
+        k = np.arange(kmax + 1)
+        nodes = np.unique(np.rint(mid - half * np.cos((2 * k + 1) * np.pi / (2 * kmax + 2))))
+        between = np.rint((nodes[:-1] + nodes[1:]) / 2.0)
+        grid = np.union1d(nodes, np.concatenate([[lo, hi - 1.0], between]))
+    if nodes.size != min(n, kmax + 1):
+        return None
+    cheb = np.polynomial.chebyshev.chebvander
+    deg = nodes.size - 1
+    res = _FitAxis(grid=grid, nodes=np.searchsorted(grid, nodes),
+                   inv=np.linalg.inv(cheb((nodes - mid) / half, deg)),
+                   vander=cheb((grid - mid) / half, deg),
+                   basis=cheb((np.arange(lo, hi, dtype=float) - mid) / half, deg))
+    for a in res:
+        a.flags.writeable = False
+    return res
+
+
+def _along_axes(mats, arr):
+    """``arr`` (``(rows, n_1, ..., n_d)``) with matrix ``mats[j]`` applied along
+    axis ``j + 1``: ``out[r, a, b, ...] = sum mats[0][a, i] mats[1][b, k] ... arr[r, i, k, ...]``."""
+    if len(mats) == 2:
+        return np.matmul(np.matmul(mats[0], arr), mats[1].T)
+    for j, m in enumerate(mats):
+        arr = np.moveaxis(np.tensordot(m, arr, axes=([1], [j + 1])), 0, j + 1)
+    return arr
+
+
+class _FitAxis(NamedTuple):
+    """One axis of a block for :meth:`_Accumulator._world_fit` (pixel indices)."""
+
+    grid: np.ndarray  # where the frame is evaluated: the nodes, between them, the ends
+    nodes: np.ndarray  # positions of the nodes in ``grid``
+    inv: np.ndarray  # inverse of the Chebyshev matrix at the nodes
+    vander: np.ndarray  # (grid, degree + 1) Chebyshev values on the grid
+    basis: np.ndarray  # (pixels of the axis, degree + 1) Chebyshev values
+
+
 class _BlockSums(NamedTuple):
     """What one block adds: per pair (rows of ``keys``) and per image."""
 
@@ -489,6 +557,8 @@ class _Accumulator:
         self.rob = robust
         #: hits near the blocks' edges (see :meth:`band_hits`)
         self._hits = None
+        #: world frames: the blocks' fits made ahead (see :meth:`prepare_fits`), by box
+        self._fits = {}
         #: per image: its mask is all true over its valid box (not read by blocks)
         self.mask_full = [False] * len(prob.images) if mask_full is None else mask_full
         self.prob = prob
@@ -505,6 +575,7 @@ class _Accumulator:
                                 for j in range(frame.ndim)]
         else:
             self._mono_setup()
+            self._const_row = int(np.flatnonzero(np.all(self._mono_rows == 0, axis=1))[0])
 
     def _world_monomials(self, u, ok, out=None):
         """Monomials of scaled world coordinates (``u``: one flat array per axis).
@@ -597,6 +668,8 @@ class _Accumulator:
                 plan.append(("outer", start[p], start[head], size[head],
                              start[tail], size[tail]))
         self._mono_plan = plan
+        #: exponents (``(x, y, ...)`` order) of each row of the world monomials
+        self._mono_rows = np.array(rows).reshape(len(rows), nd)
         #: C-order index (over ``r <= 2 D``) of each row of the world monomials
         self.mono_order = np.ravel_multi_index(np.array(rows).T, self.mshape)
         nT = int(np.prod(self.dshape))
@@ -606,6 +679,87 @@ class _Accumulator:
     def _monomial_size(self):
         """Values per pixel of :meth:`_world_monomials`' buffer."""
         return int(np.prod(self.mshape))
+
+    def _world_fit(self, ebox):
+        """The world monomials of a block as tensor Chebyshev series of its pixel indices.
+
+        World coordinates are smooth functions of the pixel indices, and so
+        are their monomials: over a block, each is a short tensor series of
+        Chebyshev polynomials of the block's (scaled) pixel indices. The
+        block's world moments are then the series' coefficients times the
+        moments of the pair weights against those polynomials, which are
+        separable (as image coordinates' are): no world coordinates, no
+        monomials per pixel. The series interpolate the monomials at
+        ``K + 1`` pixels per axis near the Chebyshev points (``K``: twice the
+        polynomial's total degree, an affine frame's exact degree, plus
+        :data:`WORLD_FIT_EXTRA`), are cut per axis where the coefficients
+        left out sum to a quarter of the tolerance, and are checked at the
+        pixels between the nodes and at the block's edges: the series must
+        agree with the monomials there to the tolerance, ``WORLD_FIT_TOL``
+        times their largest magnitude on the block, or, when larger, what
+        the rounding of the world coordinates themselves makes of the
+        monomials (coordinates far from the frame's center, such as right
+        ascensions near 150 degrees over a field of a few arcminutes, are
+        known only to about ``1e-16 * 150`` degrees). Otherwise, or when a
+        world coordinate there is not finite, or when the block is too
+        small for a fit to pay, returns None (the block's monomials are
+        then computed at every pixel).
+
+        Returns a :class:`_WorldFit` (axes in ``(x, y, ...)`` order).
+        """
+        nd = len(ebox)
+        npx = math.prod(b - a for a, b in ebox)
+        kmax = sum(self.mdeg) + WORLD_FIT_EXTRA
+        axes = [_fit_axis(*ebox[nd - 1 - j], kmax) for j in range(nd)]  # (x, y, ...)
+        if any(a is None for a in axes) or \
+                math.prod(a.grid.size for a in axes) * WORLD_FIT_MIN_GAIN > npx:
+            return None
+        gshape = tuple(a.grid.size for a in axes)
+        pix = [np.broadcast_to(a.grid.reshape((1,) * j + (-1,) + (1,) * (nd - 1 - j)),
+                               gshape).ravel() for j, a in enumerate(axes)]
+        u = self.frame.points_u(pix)
+        # (a sum is finite when every term is; one that overflows only
+        # sends the block to the per-pixel path)
+        if not np.isfinite(sum(float(np.sum(a)) for a in u)):
+            return None
+        nrow = len(self.mono_order)
+        F = self._world_monomials(u, None)[0].reshape((nrow,) + gshape)
+        # the monomials are known no better than the world coordinates:
+        # those far from the frame's center (degrees near RA 150 over a
+        # small field) carry the rounding of their size, relative to the scale
+        fr = self.frame
+        noise = max(np.finfo(float).eps * (abs(c) + abs(s0)) / s1
+                    for c, s0, s1 in zip(fr.eff_center, fr.shift, fr.scale))
+        tol = max(WORLD_FIT_TOL, 8 * sum(self.mdeg) * noise) * max(1.0, float(np.abs(F).max()))
+        # coefficients of the interpolating series: the values at the nodes
+        # times the inverse of each axis' Chebyshev matrix
+        C = _along_axes([a.inv for a in axes], F[(slice(None),) + np.ix_(*[a.nodes
+                                                                          for a in axes])])
+        C[self._const_row] = 0.0  # the constant monomial: exactly the first polynomial
+        C[(self._const_row,) + (0,) * nd] = 1.0
+        # per axis and monomial, the sums of the coefficients' magnitudes
+        # from each degree up
+        A = np.abs(C)
+        tails = []
+        for j in range(nd):
+            mag = A.sum(axis=tuple(a for a in range(1, nd + 1) if a != j + 1))
+            tails.append(np.cumsum(mag[:, ::-1], axis=1)[:, ::-1])
+        parts = []
+        for nr in (nrow, len(self.dmono_order)):  # S's monomials, then T's (the first rows)
+            # per axis, the lowest degree beyond which the coefficients of
+            # every monomial sum to less than a quarter of the tolerance
+            keep = []
+            for t in tails:
+                ok = np.flatnonzero(t[:nr].max(axis=0) <= tol / (4 * nd))
+                keep.append(max(1, int(ok[0])) if ok.size else t.shape[1])
+            Cr = C[(slice(0, nr),) + tuple(slice(0, k) for k in keep)]
+            # the check: the cut series against the monomials on the grid
+            fitted = _along_axes([a.vander[:, :k] for a, k in zip(axes, keep)], Cr)
+            if not np.abs(fitted - F[:nr]).max() <= tol:
+                return None
+            parts.append(([np.ascontiguousarray(a.basis[:, :k]) for a, k in zip(axes, keep)],
+                          Cr.reshape(nr, -1)))
+        return _WorldFit(parts[0][0], parts[1][0], parts[0][1], parts[1][1])
 
     def _image_polys(self, labels, ebox, u, ok):
         """``(k, npx)`` values of the current polynomials of images ``labels`` on ``ebox``."""
@@ -942,22 +1096,40 @@ class _Accumulator:
             np.array([lo for lo, _ in slab]).reshape(-1, 1)
         return sel[j], pts
 
-    def block(self, bslices):
-        n = self.n
-        nd = len(bslices)
-        image_npix = np.zeros(n, dtype=np.int64)
-        nonfinite = np.zeros((n, 3), dtype=np.int64)
-        nS, nT = int(np.prod(self.mshape)), int(np.prod(self.dshape))
-        empty = _BlockSums([], np.zeros((0, nS)), np.zeros((0, nT)), np.zeros(0),
-                           np.zeros(0, dtype=np.int64), image_npix, nonfinite, 0)
-        block_box = tuple((s.start, s.stop) for s in bslices)
+    def _block_boxes(self, block_box):
+        """The images that reach a block, as ``[(image, box within the block)]``,
+        and the box they cover together (None: no image)."""
         boxes = []
-        for l in range(n):
+        for l in range(self.n):
             if self.bboxes[l] is None:
                 continue
             box = _intersect(self.bboxes[l], block_box)
             if box is not None:
                 boxes.append((l, box))
+        if not boxes:
+            return boxes, None
+        ebox = tuple((min(b[k][0] for _, b in boxes), max(b[k][1] for _, b in boxes))
+                     for k in range(len(block_box)))
+        return boxes, ebox
+
+    def prepare_fits(self, blocks):
+        """The series of :meth:`_world_fit` for every block with pairs, ahead of
+        the blocks: the fits are many small operations, which hold the
+        interpreter lock, and run faster alone than between other threads'
+        blocks."""
+        for b in blocks:
+            boxes, ebox = self._block_boxes(tuple((s.start, s.stop) for s in b))
+            if len(boxes) > 1 and ebox not in self._fits:
+                self._fits[ebox] = self._world_fit(ebox)
+
+    def block(self, bslices):
+        n = self.n
+        image_npix = np.zeros(n, dtype=np.int64)
+        nonfinite = np.zeros((n, 3), dtype=np.int64)
+        nS, nT = int(np.prod(self.mshape)), int(np.prod(self.dshape))
+        empty = _BlockSums([], np.zeros((0, nS)), np.zeros((0, nT)), np.zeros(0),
+                           np.zeros(0, dtype=np.int64), image_npix, nonfinite, 0)
+        boxes, ebox = self._block_boxes(tuple((s.start, s.stop) for s in bslices))
         if not boxes:
             return empty
         if len(boxes) == 1:  # no pairs; only the non-finite pixels to count
@@ -966,10 +1138,8 @@ class _Accumulator:
             nonfinite[l] += _prepare_image(self.prob, l, box, read=read)[3]
             return empty
 
-        # The part of the block that some image covers, and stacks of the
-        # images' data and variance over it (flattened).
-        ebox = tuple((min(b[k][0] for _, b in boxes), max(b[k][1] for _, b in boxes))
-                     for k in range(nd))
+        # Stacks of the images' data and variance over the part of the
+        # block that some image covers (flattened).
         origin = tuple(lo for lo, _ in ebox)
         eshape = tuple(hi - lo for lo, hi in ebox)
         npx = int(np.prod(eshape))
@@ -1003,7 +1173,13 @@ class _Accumulator:
             Q = validity()
         bad_coords = 0
         u = ok = None
-        if not self.frame.separable:
+        # world frames, plain sums: the moments from series of the world
+        # monomials when they fit (robust passes need the coordinates)
+        fit = None
+        if WORLD_FIT and self.rob is None and not self.frame.separable:
+            fit = self._fits[ebox] if ebox in self._fits else self._world_fit(ebox)
+        sep = self.frame.separable or fit is not None
+        if not sep:
             u = [a.ravel() for a in self.frame.block_u(_slices(ebox))]
             ok = np.ones(npx, dtype=bool)
             for a in u:
@@ -1068,7 +1244,7 @@ class _Accumulator:
         # of large operations per chunk (they release the GIL), and the
         # moments as matrix products over the chunk. The stacks live in two
         # buffers allocated once per block and reused by every chunk.
-        if self.frame.separable:
+        if sep:
             # whole rows of the box for as many pairs as fit: few chunks
             # (the monomials cost nothing to slice)
             group = max(1, min(PAIR_BATCH, STACK_ELEMS // npx))
@@ -1093,7 +1269,7 @@ class _Accumulator:
                 j = e
             groups.append((g0, g1, runs))
         cmax = min(P, group)
-        if self.frame.separable:
+        if sep:
             rows = max(1, STACK_ELEMS // (cmax * rowlen))
         else:
             rows = max(1, WORLD_CHUNK_ELEMS // ((3 * cmax + self._monomial_size()) * rowlen))
@@ -1125,7 +1301,25 @@ class _Accumulator:
                 chi[g0 + i] += np.dot(WD[i], DF[i])
             return X
 
-        if self.frame.separable:
+        if fit is not None:
+            # the weights' moments against the series' polynomials of the
+            # block's pixel indices (separable), then the series' coefficients
+            MS = np.zeros((P, fit.CS.shape[1]))
+            MT = np.zeros((P, fit.CT.shape[1]))
+            local = tuple(slice(0, m) for m in eshape[1:])
+            for g0, g1, runs in groups:
+                c = g1 - g0
+                rows = max(1, STACK_ELEMS // (c * rowlen))
+                for r0 in range(0, eshape[0], rows):
+                    r1 = min(eshape[0], r0 + rows)
+                    X = pair_stacks(g0, g1, runs, r0 * rowlen, r1 * rowlen)
+                    sub = (slice(r0, r1),) + local
+                    X = X.reshape((2, c, r1 - r0) + eshape[1:])
+                    MS[g0:g1] += _contract_separable(X[0], fit.bases_S, sub).reshape(c, -1)
+                    MT[g0:g1] += _contract_separable(X[1], fit.bases_T, sub).reshape(c, -1)
+            S[:, self.mono_order] = np.dot(MS, fit.CS.T)
+            T[:, self.dmono_order] = np.dot(MT, fit.CT.T)
+        elif self.frame.separable:
             for g0, g1, runs in groups:
                 c = g1 - g0
                 rows = max(1, STACK_ELEMS // (c * rowlen))
@@ -1261,6 +1455,8 @@ def _accumulate(prob, frame, pool, client=None, robust=None):
     with threadpool_limits(limits=1, user_api="blas"):
         if robust is not None:  # before the blocks (and before a cluster gets acc)
             acc.band_hits(per_axis, max_pix, mapper)
+        elif WORLD_FIT and not frame.separable and pool is not None and len(blocks) > 1:
+            acc.prepare_fits(blocks)
         if client is not None:
             for part in _on_cluster(client, acc, blocks):
                 acc_sums.add(part)

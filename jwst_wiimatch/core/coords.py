@@ -132,8 +132,12 @@ class Frame:
             ax = np.arange(slices[k].start, slices[k].stop, dtype=float)
             ax = ax.reshape((-1,) + (1,) * (self.ndim - 1 - k))
             pix.append(np.broadcast_to(ax, bshape).ravel())
-        world = call_image2world(self.image2world, pix, self.ndim)
-        return [u.reshape(bshape) for u in self._scaled(world)]
+        return [u.reshape(bshape) for u in self.points_u(pix)]
+
+    def points_u(self, pix):
+        """Scaled coordinates ``u`` (one 1-D array per axis) of pixels ``pix``
+        (1-D arrays of pixel indices, ``(x, y, ...)`` order; world frames)."""
+        return self._scaled(call_image2world(self.image2world, pix, self.ndim))
 
     def _scaled(self, world):
         """``u = (X - shift) / scale`` of world coordinates (one temporary each)."""
