@@ -378,10 +378,9 @@ def _contract_separable(arr, axis_powers, sub):
     if nd > 1:
         pt = axis_powers[nd - 1][sub[0]].T  # (R, s_0): the first axis' powers
         flat = arr.reshape(nb, arr.shape[1], -1)
-        head = np.empty((nb, pt.shape[0], flat.shape[2]))
-        for b in range(nb):
-            np.dot(pt, flat[b], out=head[b])
-        arr = head.reshape((nb * pt.shape[0],) + arr.shape[2:])
+        # one batched product (a BLAS product per box, in one call: the
+        # interpreter lock is handed over once, not once per box)
+        arr = np.matmul(pt, flat).reshape((nb * pt.shape[0],) + arr.shape[2:])
     for j in range(nd - 1 if nd > 1 else 1):
         p = axis_powers[j][sub[nd - 1 - j]]
         shape = arr.shape[:-1] + (p.shape[1],)
@@ -1294,11 +1293,11 @@ class _Accumulator:
                 self._robust_chunk(W, resid, runs, t2v[g0:g1], cwv[g0:g1], seeds,
                                    g0, p0, p1)
             np.multiply(W, DF, out=WD)
-            # one BLAS dot per pair (np.dot releases the GIL, matmul does
-            # not); its rounding of sum(w d**2) also agrees with that of
-            # the products below, so that chi - T**2 / S cancels well
-            for i in range(g1 - g0):
-                chi[g0 + i] += np.dot(WD[i], DF[i])
+            # a BLAS dot per pair, all in one batched product (one hand-over
+            # of the interpreter lock, not one per pair); its rounding of
+            # sum(w d**2) also agrees with that of the products below, so
+            # that chi - T**2 / S cancels well
+            chi[g0:g1] += np.matmul(WD[:, None, :], DF[:, :, None])[:, 0, 0]
             return X
 
         if fit is not None:
