@@ -196,3 +196,19 @@ def test_small_blocks_are_not_fitted(monkeypatch):
     ims, masks, sigs = _problem(n=3, shape=(40, 50))
     match_backgrounds(ims, masks, sigs, degree=2, image2world=tan_like, threads=1)
     assert count.pixels > 0 and count.fitted == 0
+
+
+def test_threads_with_fits_made_ahead_give_the_same_sums(monkeypatch):
+    """With threads the fits of each run of blocks are made ahead of the run
+    (runs of 2 blocks here): the sums are those of one thread, bit for bit."""
+    data = _problem(seed=7)
+    monkeypatch.setattr(acc_mod, "FITS_AHEAD", 2)
+    one = build_moments(*data, 2, image2world=tan_like, threads=1)[2]
+    count = _Count(monkeypatch)
+    two = build_moments(*data, 2, image2world=tan_like, threads=2)[2]
+    assert count.fitted > 0
+    assert set(one.S) == set(two.S)
+    for key in one.S:
+        np.testing.assert_array_equal(two.S[key], one.S[key])
+        np.testing.assert_array_equal(two.T[key], one.T[key])
+        assert two.chi[key] == one.chi[key]

@@ -417,6 +417,8 @@ WORLD_FIT = True
 WORLD_FIT_TOL = 1e-12
 WORLD_FIT_EXTRA = 6
 WORLD_FIT_MIN_GAIN = 8
+# Blocks whose fits are made ahead at a time when threads run the blocks.
+FITS_AHEAD = 64
 
 
 class _WorldFit(NamedTuple):
@@ -756,7 +758,7 @@ class _Accumulator:
             fitted = _along_axes([a.vander[:, :k] for a, k in zip(axes, keep)], Cr)
             if not np.abs(fitted - F[:nr]).max() <= tol:
                 return None
-            parts.append(([np.ascontiguousarray(a.basis[:, :k]) for a, k in zip(axes, keep)],
+            parts.append(([a.basis[:, :k] for a, k in zip(axes, keep)],  # (cached tables)
                           Cr.reshape(nr, -1)))
         return _WorldFit(parts[0][0], parts[1][0], parts[0][1], parts[1][1])
 
@@ -1112,14 +1114,16 @@ class _Accumulator:
         return boxes, ebox
 
     def prepare_fits(self, blocks):
-        """The series of :meth:`_world_fit` for every block with pairs, ahead of
-        the blocks: the fits are many small operations, which hold the
-        interpreter lock, and run faster alone than between other threads'
-        blocks."""
+        """The series of :meth:`_world_fit` for the blocks with pairs among
+        ``blocks``, ahead of them (they replace those of earlier blocks): the
+        fits are many small operations, which hold the interpreter lock, and
+        run faster alone than between other threads' blocks."""
+        fits = {}
         for b in blocks:
             boxes, ebox = self._block_boxes(tuple((s.start, s.stop) for s in b))
-            if len(boxes) > 1 and ebox not in self._fits:
-                self._fits[ebox] = self._world_fit(ebox)
+            if len(boxes) > 1 and ebox not in fits:
+                fits[ebox] = self._world_fit(ebox)
+        self._fits = fits
 
     def block(self, bslices):
         n = self.n
@@ -1306,6 +1310,8 @@ class _Accumulator:
             MS = np.zeros((P, fit.CS.shape[1]))
             MT = np.zeros((P, fit.CT.shape[1]))
             local = tuple(slice(0, m) for m in eshape[1:])
+            bases_S = [np.ascontiguousarray(b) for b in fit.bases_S]
+            bases_T = [np.ascontiguousarray(b) for b in fit.bases_T]
             for g0, g1, runs in groups:
                 c = g1 - g0
                 rows = max(1, STACK_ELEMS // (c * rowlen))
@@ -1314,8 +1320,8 @@ class _Accumulator:
                     X = pair_stacks(g0, g1, runs, r0 * rowlen, r1 * rowlen)
                     sub = (slice(r0, r1),) + local
                     X = X.reshape((2, c, r1 - r0) + eshape[1:])
-                    MS[g0:g1] += _contract_separable(X[0], fit.bases_S, sub).reshape(c, -1)
-                    MT[g0:g1] += _contract_separable(X[1], fit.bases_T, sub).reshape(c, -1)
+                    MS[g0:g1] += _contract_separable(X[0], bases_S, sub).reshape(c, -1)
+                    MT[g0:g1] += _contract_separable(X[1], bases_T, sub).reshape(c, -1)
             S[:, self.mono_order] = np.dot(MS, fit.CS.T)
             T[:, self.dmono_order] = np.dot(MT, fit.CT.T)
         elif self.frame.separable:
@@ -1454,14 +1460,21 @@ def _accumulate(prob, frame, pool, client=None, robust=None):
     with threadpool_limits(limits=1, user_api="blas"):
         if robust is not None:  # before the blocks (and before a cluster gets acc)
             acc.band_hits(per_axis, max_pix, mapper)
-        elif WORLD_FIT and not frame.separable and pool is not None and len(blocks) > 1:
-            acc.prepare_fits(blocks)
         if client is not None:
             for part in _on_cluster(client, acc, blocks):
                 acc_sums.add(part)
         elif pool is not None and len(blocks) > 1:
-            for part in pool.map(acc.block, blocks):
-                acc_sums.add(part)
+            # world frames: the fits of a run of blocks made ahead of them
+            # (a run at a time: the fits are held only while their run goes)
+            ahead = WORLD_FIT and robust is None and not frame.separable
+            step = FITS_AHEAD if ahead else len(blocks)
+            for i in range(0, len(blocks), step):
+                run = blocks[i:i + step]
+                if ahead:
+                    acc.prepare_fits(run)
+                for part in pool.map(acc.block, run):
+                    acc_sums.add(part)
+            acc.prepare_fits([])
         else:
             for b in blocks:
                 acc_sums.add(acc.block(b))
