@@ -212,3 +212,26 @@ def test_threads_with_fits_made_ahead_give_the_same_sums(monkeypatch):
         np.testing.assert_array_equal(two.S[key], one.S[key])
         np.testing.assert_array_equal(two.T[key], one.T[key])
         assert two.chi[key] == one.chi[key]
+
+
+@pytest.mark.parametrize("shape,frame,degree", [
+    ((50000,), lambda x: (1e-3 * x + 1e-9 * x * x,), 2),
+    ((40, 50, 60), lambda x, y, z: (x + 1e-3 * y * z, y + 1e-3 * x * x,
+                                    1.1 * z + 1e-4 * x * y), (1, 0, 2)),
+])
+def test_fitted_moments_in_one_and_three_dimensions(monkeypatch, shape, frame, degree):
+    """The series along one axis and along three (cubes; here every block is
+    fitted, however small) give the per-pixel sums."""
+    monkeypatch.setattr(acc_mod, "WORLD_FIT_MIN_GAIN", 1)
+    rng = np.random.default_rng(len(shape))
+    ims = [rng.normal(size=shape) + k for k in range(3)]
+    sig = [rng.uniform(0.5, 1.5, shape) for _ in range(3)]
+    ref = _moments(monkeypatch, False, frame, degree, data=(ims, None, sig))
+    count = _Count(monkeypatch)
+    got = _moments(monkeypatch, True, frame, degree, data=(ims, None, sig))
+    assert count.fitted > 0 and count.pixels == 0
+    for key in ref.S:
+        np.testing.assert_allclose(got.S[key], ref.S[key], rtol=0,
+                                   atol=1e-12 * np.abs(ref.S[key]).max())
+        np.testing.assert_allclose(got.T[key], ref.T[key], rtol=0, atol=1e-12 * np.sqrt(
+            np.abs(ref.S[key]).max() * ref.chi[key]))
