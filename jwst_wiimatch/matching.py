@@ -789,11 +789,18 @@ def _sky_cells(model, name, ref, step):
         xi, eta = lattice.box(slice(0, shape[0]), slice(0, shape[1]))
     else:  # pixels far from the reference point: the WCS at every pixel
         pix = np.indices(shape, dtype=np.float64)[::-1]
-        xi, eta = (np.asarray(c).reshape(shape) for c in func(pix[0].ravel(), pix[1].ravel()))
+        xi, eta = (np.array(c, dtype=np.float64).reshape(shape)
+                   for c in func(pix[0].ravel(), pix[1].ravel()))
+    # floor(xi / step + 0.5), in place (xi and eta are this function's own
+    # arrays): no full-detector temporaries
+    xi, eta = (a if a.dtype == np.float64 and a.flags.writeable else
+               np.array(a, dtype=np.float64) for a in (xi, eta))
     with np.errstate(invalid="ignore"):
-        cx = np.floor(xi / step + 0.5)
-        cy = np.floor(eta / step + 0.5)
-    return cx, cy
+        for a in (xi, eta):
+            np.divide(a, step, out=a)
+            a += 0.5
+            np.floor(a, out=a)
+    return xi, eta
 
 
 def _reduce_sky_model(model, index, dqflags, ref, step, ref_given, sources=None):
@@ -837,10 +844,11 @@ def _reduce_sky_model(model, index, dqflags, ref, step, ref_given, sources=None)
     # these are held for every exposure until the solve
     sums = {"n": np.bincount(flat, minlength=size), "nd": np.bincount(flat, d, minlength=size)}
     if sigma is not None:
-        w = 1.0 / np.square(sigma[ok], dtype=np.float64)
+        var = np.square(sigma[ok], dtype=np.float64)
+        w = 1.0 / var
         sums["w"] = np.bincount(flat, w, minlength=size)
         sums["wd"] = np.bincount(flat, w * d, minlength=size)
-        sums["v"] = np.bincount(flat, 1.0 / w, minlength=size)
+        sums["v"] = np.bincount(flat, var, minlength=size)
     if src is not None:  # cells holding a source pixel: not used
         hit = np.bincount(flat, src[ok], minlength=size) > 0
         for v in sums.values():
