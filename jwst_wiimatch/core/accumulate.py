@@ -1304,6 +1304,18 @@ class _Accumulator:
             chi[g0:g1] += np.matmul(WD[:, None, :], DF[:, :, None])[:, 0, 0]
             return X
 
+        def row_chunks():
+            """The stacks of each group of pairs over chunks of whole rows of
+            the box: ``(g0, g1, r0, r1, X)`` with ``X`` of shape
+            ``(2, pairs, rows) + eshape[1:]``."""
+            for g0, g1, runs in groups:
+                c = g1 - g0
+                rows = max(1, STACK_ELEMS // (c * rowlen))
+                for r0 in range(0, eshape[0], rows):
+                    r1 = min(eshape[0], r0 + rows)
+                    X = pair_stacks(g0, g1, runs, r0 * rowlen, r1 * rowlen)
+                    yield g0, g1, r0, r1, X.reshape((2, c, r1 - r0) + eshape[1:])
+
         if fit is not None:
             # the weights' moments against the series' polynomials of the
             # block's pixel indices (separable), then the series' coefficients
@@ -1312,30 +1324,20 @@ class _Accumulator:
             local = tuple(slice(0, m) for m in eshape[1:])
             bases_S = [np.ascontiguousarray(b) for b in fit.bases_S]
             bases_T = [np.ascontiguousarray(b) for b in fit.bases_T]
-            for g0, g1, runs in groups:
-                c = g1 - g0
-                rows = max(1, STACK_ELEMS // (c * rowlen))
-                for r0 in range(0, eshape[0], rows):
-                    r1 = min(eshape[0], r0 + rows)
-                    X = pair_stacks(g0, g1, runs, r0 * rowlen, r1 * rowlen)
-                    sub = (slice(r0, r1),) + local
-                    X = X.reshape((2, c, r1 - r0) + eshape[1:])
-                    MS[g0:g1] += _contract_separable(X[0], bases_S, sub).reshape(c, -1)
-                    MT[g0:g1] += _contract_separable(X[1], bases_T, sub).reshape(c, -1)
+            for g0, g1, r0, r1, X in row_chunks():
+                sub = (slice(r0, r1),) + local
+                MS[g0:g1] += _contract_separable(X[0], bases_S, sub).reshape(g1 - g0, -1)
+                MT[g0:g1] += _contract_separable(X[1], bases_T, sub).reshape(g1 - g0, -1)
             S[:, self.mono_order] = np.dot(MS, fit.CS.T)
             T[:, self.dmono_order] = np.dot(MT, fit.CT.T)
         elif self.frame.separable:
-            for g0, g1, runs in groups:
+            for g0, g1, r0, r1, X in row_chunks():
                 c = g1 - g0
-                rows = max(1, STACK_ELEMS // (c * rowlen))
-                for r0 in range(0, eshape[0], rows):
-                    r1 = min(eshape[0], r0 + rows)
-                    X = pair_stacks(g0, g1, runs, r0 * rowlen, r1 * rowlen)
-                    sub = (slice(origin[0] + r0, origin[0] + r1),) + _slices(ebox)[1:]
-                    mom = _contract_separable(X.reshape((2 * c, r1 - r0) + eshape[1:]),
-                                              self.axis_powers, sub)
-                    S[g0:g1] += mom[:c].reshape(c, nS)
-                    T[g0:g1] += mom[c:][(slice(None),) + self.dsl].reshape(c, nT)
+                sub = (slice(origin[0] + r0, origin[0] + r1),) + _slices(ebox)[1:]
+                mom = _contract_separable(X.reshape((2 * c,) + X.shape[2:]),
+                                          self.axis_powers, sub)
+                S[g0:g1] += mom[:c].reshape(c, nS)
+                T[g0:g1] += mom[c:][(slice(None),) + self.dsl].reshape(c, nT)
         else:
             # chunks of rows outside, groups of pairs inside: the monomials of
             # a chunk are computed once (into a reused buffer) for all pairs
