@@ -845,10 +845,11 @@ def _reduce_sky_model(model, index, dqflags, ref, step, ref_given, sources=None)
     sums = {"n": np.bincount(flat, minlength=size), "nd": np.bincount(flat, d, minlength=size)}
     if sigma is not None:
         var = np.square(sigma[ok], dtype=np.float64)
-        w = 1.0 / var
+        v = np.bincount(flat, var, minlength=size)
+        w = np.divide(1.0, var, out=var)  # (one array per pixel, not two)
         sums["w"] = np.bincount(flat, w, minlength=size)
         sums["wd"] = np.bincount(flat, w * d, minlength=size)
-        sums["v"] = np.bincount(flat, var, minlength=size)
+        sums["v"] = v
     if src is not None:  # cells holding a source pixel: not used
         hit = np.bincount(flat, src[ok], minlength=size) > 0
         for v in sums.values():
