@@ -354,12 +354,17 @@ def test_rejections_do_not_depend_on_block_cuts(monkeypatch, grow, world):
     coefficients, are those of one whole-grid block whatever the block size."""
     imgs, masks, sigs = _cosmic_ray_field()
     kw = dict(masks=masks, sigmas=sigs, degree=1, robust="clip", grow=grow, threads=1)
+    rtol = 1e-10
     if world:
         kw["image2world"] = lambda x, y: (150 + 3e-5 * x + 1e-11 * x * y, 2 + 3e-5 * y)
-    _same_for_any_blocks(monkeypatch, imgs, kw, (1 << 12, 1000), min_rejected=1000)
+        # each block's world moments come from series checked to the
+        # rounding of right ascensions near 150 degrees (test_world_fit.py):
+        # other blocks, other series
+        rtol = 1e-8
+    _same_for_any_blocks(monkeypatch, imgs, kw, (1 << 12, 1000), min_rejected=1000, rtol=rtol)
 
 
-def _same_for_any_blocks(monkeypatch, imgs, kw, block_pixels, min_rejected):
+def _same_for_any_blocks(monkeypatch, imgs, kw, block_pixels, min_rejected, rtol=1e-10):
     """Rejections and coefficients with blocks of ``block_pixels`` equal one block's."""
     from jwst_wiimatch.core import accumulate as acc_mod
 
@@ -371,8 +376,8 @@ def _same_for_any_blocks(monkeypatch, imgs, kw, block_pixels, min_rejected):
         got = match_backgrounds(imgs, **kw)
         np.testing.assert_array_equal(got.pair_rejected, ref.pair_rejected)
         np.testing.assert_array_equal(got.rejected, ref.rejected)
-        np.testing.assert_allclose(got.coef, ref.coef, rtol=1e-10,
-                                   atol=1e-10 * np.abs(ref.coef).max())
+        np.testing.assert_allclose(got.coef, ref.coef, rtol=rtol,
+                                   atol=rtol * np.abs(ref.coef).max())
 
 
 def _cosmic_ray_field_nd(shape, seed=3, n=4):

@@ -235,3 +235,67 @@ def test_fitted_moments_in_one_and_three_dimensions(monkeypatch, shape, frame, d
                                    atol=1e-12 * np.abs(ref.S[key]).max())
         np.testing.assert_allclose(got.T[key], ref.T[key], rtol=0, atol=1e-12 * np.sqrt(
             np.abs(ref.S[key]).max() * ref.chi[key]))
+
+
+def _junk_field(seed=5, n=4, shape=(300, 340)):
+    """The images of `_problem` with cosmic-ray-like outliers, for robust passes."""
+    ims, masks, sigs = _problem(seed=seed, n=n, shape=shape)
+    rng = np.random.default_rng(seed + 100)
+    for im in ims:
+        hits = tuple(rng.integers(0, s, im.size // 200) for s in shape)
+        im[hits] += rng.uniform(5, 50, im.size // 200)
+    return ims, masks, sigs
+
+
+@pytest.mark.parametrize("method", ["clip", "huber"])
+@pytest.mark.parametrize("name", ["tan_like", "sky_degrees"])
+def test_robust_passes_with_series_match_per_pixel_passes(monkeypatch, method, name):
+    """Robust passes take each image's polynomial over a block, and the monomials
+    of the rejected pixels, from the block's series: the same pixels are
+    rejected as with per-pixel world coordinates, and the coefficients agree
+    to the series' precision."""
+    f = FRAMES[name]
+    data = _junk_field()
+    kw = dict(degree=(1, 2), image2world=f, robust=method, threads=1)
+    monkeypatch.setattr(acc_mod, "WORLD_FIT", False)
+    ref = match_backgrounds(*data, **kw)
+    count = _Count(monkeypatch)
+    monkeypatch.setattr(acc_mod, "WORLD_FIT", True)
+    got = match_backgrounds(*data, **kw)
+    assert count.fitted > 0
+    assert ref.pair_rejected.sum() > 100
+    np.testing.assert_array_equal(got.pair_rejected, ref.pair_rejected)
+    np.testing.assert_array_equal(got.rejected, ref.rejected)
+    np.testing.assert_allclose(got.coef, ref.coef, rtol=0, atol=1e-8 * np.abs(ref.coef).max())
+
+
+def test_series_polynomials_and_monomials_at_pixels(monkeypatch):
+    """Directly: a robust pass's polynomials over a block, and the monomials at
+    some of its pixels, from the series equal those from the world coordinates."""
+    seen = {}
+    init = acc_mod._Accumulator.__init__
+
+    def recording(self, *a, **k):
+        init(self, *a, **k)
+        seen.setdefault("acc", self)
+
+    monkeypatch.setattr(acc_mod._Accumulator, "__init__", recording)
+    ims, masks, sigs = _junk_field(n=3)
+    match_backgrounds(ims, masks, sigs, degree=2, image2world=tan_like, robust="clip",
+                      threads=1)
+    acc = seen["acc"]
+    rng = np.random.default_rng(0)
+    acc.rob.coef_u = rng.normal(size=acc.rob.coef_u.shape)
+    ebox = ((10, 210), (30, 250))
+    fit = acc._world_fit(ebox)
+    assert fit is not None
+    u = [a.ravel() for a in acc.frame.block_u(tuple(slice(a, b) for a, b in ebox))]
+    labels = [2, 0]
+    want = acc._image_polys(labels, ebox, u, None)
+    got = acc._image_polys(labels, ebox, None, None, fit)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-11 * np.abs(want).max())
+    eshape = (200, 220)
+    idx = rng.choice(200 * 220, 500, replace=False)
+    for a, b in zip(acc._monomials_at(idx, eshape, (10, 30), None, fit),
+                    acc._monomials_at(idx, eshape, (10, 30), u)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-11 * max(1.0, np.abs(b).max()))

@@ -762,11 +762,25 @@ class _Accumulator:
                           Cr.reshape(nr, -1)))
         return _WorldFit(parts[0][0], parts[1][0], parts[0][1], parts[1][1])
 
-    def _image_polys(self, labels, ebox, u, ok):
-        """``(k, npx)`` values of the current polynomials of images ``labels`` on ``ebox``."""
+    def _image_polys(self, labels, ebox, u, ok, fit=None):
+        """``(k, npx)`` values of the current polynomials of images ``labels`` on ``ebox``.
+
+        From the image coordinates' power tables, the series ``fit`` of the
+        block's world monomials (:meth:`_world_fit`), or the world
+        coordinates ``u`` (``ok``: where they are finite)."""
         coef = self.rob.coef_u[labels]
         k = len(labels)
         nd = len(ebox)
+        if fit is not None:
+            # each polynomial as a series of the block's Chebyshev polynomials
+            P = np.dot(coef[:, self.dmono_order], fit.CT).reshape(
+                (k,) + tuple(b.shape[1] for b in fit.bases_T))
+            if nd == 2:  # B_y P^T B_x^T per image: two matrix products
+                bx, by = fit.bases_T
+                return np.matmul(np.matmul(by, P.transpose(0, 2, 1)), bx.T).reshape(k, -1)
+            vals = _along_axes(list(fit.bases_T), P)  # axes (k, x, y, ...)
+            return np.ascontiguousarray(
+                vals.transpose((0,) + tuple(range(nd, 0, -1)))).reshape(k, -1)
         if self.frame.separable:
             sl = _slices(ebox)
             if nd == 2:  # P_y C^T P_x^T per image: two matrix products, no transposed copy
@@ -788,9 +802,26 @@ class _Accumulator:
             phid = (phid[:, None, :] * p[None, :, :]).reshape(-1, npix)
         return coef @ phid
 
-    def _monomials_at(self, idx, eshape, origin, u):
-        """``(n, prod(2 D + 1))`` and ``(n, prod(D + 1))`` monomials at flat indices of a box."""
+    def _monomials_at(self, idx, eshape, origin, u, fit=None):
+        """``(n, prod(2 D + 1))`` and ``(n, prod(D + 1))`` monomials at flat indices of a box.
+
+        World frames: from the block's series ``fit`` when given, else from
+        the world coordinates ``u`` of the box."""
         nd = len(eshape)
+        if fit is not None:
+            coords = np.unravel_index(idx, eshape)
+
+            def series(bases, C, order, size):
+                vals = bases[0][coords[nd - 1]]
+                for j in range(1, nd):
+                    vals = (vals[:, :, None] * bases[j][coords[nd - 1 - j]][:, None, :]
+                            ).reshape(idx.size, -1)
+                out = np.empty((idx.size, size))
+                out[:, order] = np.dot(vals, C.T)
+                return out
+
+            return (series(fit.bases_S, fit.CS, self.mono_order, int(np.prod(self.mshape))),
+                    series(fit.bases_T, fit.CT, self.dmono_order, int(np.prod(self.dshape))))
         if self.frame.separable:
             coords = np.unravel_index(idx, eshape)
             pows = [self.axis_powers[j][coords[nd - 1 - j] + origin[nd - 1 - j]]
@@ -825,7 +856,7 @@ class _Accumulator:
             W *= self.rob.weight(R)
 
     def _reject(self, seeds, S, T, chi, D, V, polys, eshape, origin, labels, ial, ibl, u,
-                keys, halo=None):
+                keys, halo=None, fit=None):
         """Take the rejected pixels of each pair, grown by ``grow``, out of its sums.
 
         ``halo`` (from :meth:`_halo`): flat indices (pairs x box) of the
@@ -866,7 +897,7 @@ class _Accumulator:
             cw = np.array([rob.cw.get(key, np.inf) for key in keys])[j]
             r = np.abs(df - (polys[ia, idx] - polys[ib, idx])) * np.sqrt(w)
             w = w * rob.weight(r / cw)
-        phi, phid = self._monomials_at(idx, eshape, origin, u)
+        phi, phid = self._monomials_at(idx, eshape, origin, u, fit)
         wd = w * df
         # sums per pair of the rejected pixels' contributions: ``flat`` is
         # sorted, so each pair's pixels are one run (one reduceat for all
@@ -1176,10 +1207,10 @@ class _Accumulator:
             Q = validity()
         bad_coords = 0
         u = ok = None
-        # world frames, plain sums: the moments from series of the world
-        # monomials when they fit (robust passes need the coordinates)
+        # world frames: the moments (and a robust pass's polynomials) from
+        # series of the world monomials when they fit
         fit = None
-        if WORLD_FIT and self.rob is None and not self.frame.separable:
+        if WORLD_FIT and not self.frame.separable:
             fit = self._fits[ebox] if ebox in self._fits else self._world_fit(ebox)
         sep = self.frame.separable or fit is not None
         if not sep:
@@ -1236,7 +1267,7 @@ class _Accumulator:
         chi = np.zeros(P)
         rob = self.rob
         if rob is not None:
-            polys = self._image_polys(labels, ebox, u, ok)
+            polys = self._image_polys(labels, ebox, u, ok, fit)
             resid = D - polys  # 0 - P where not valid (its weights are 0)
             t2v = np.array([rob.t2.get(key, np.inf) for key in keys])
             cwv = np.array([rob.cw.get(key, np.inf) for key in keys])
@@ -1358,7 +1389,7 @@ class _Accumulator:
             halo = self._halo(ebox, labels, ial, ibl) if rob.grow else None
             rejected, image_rejected = self._reject(
                 seeds, S, T, chi, D, V, polys, eshape, origin, labels, ial, ibl, u, keys,
-                halo)
+                halo, fit)
             return _BlockSums(keys, S, T, chi, npix, image_npix, nonfinite, bad_coords,
                               rejected, image_rejected)
         return _BlockSums(keys, S, T, chi, npix, image_npix, nonfinite, bad_coords)
@@ -1468,7 +1499,7 @@ def _accumulate(prob, frame, pool, client=None, robust=None):
         elif pool is not None and len(blocks) > 1:
             # world frames: the fits of a run of blocks made ahead of them
             # (a run at a time: the fits are held only while their run goes)
-            ahead = WORLD_FIT and robust is None and not frame.separable
+            ahead = WORLD_FIT and not frame.separable
             step = FITS_AHEAD if ahead else len(blocks)
             for i in range(0, len(blocks), step):
                 run = blocks[i:i + step]
