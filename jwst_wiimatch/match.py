@@ -62,8 +62,8 @@ def match_lsq(images, masks=None, sigmas=None, degree=0, center=None,
         order) to world coordinates, element-wise, one array per axis. When
         given, the polynomials are in world coordinates. It may be called
         several times, on parts of the grid, and always with 1-D arrays (the
-        center too is passed as arrays of one element); in a plain fit,
-        mostly on a few hundred pixels per block of the grid, from which
+        center too is passed as arrays of one element); mostly on a few
+        hundred pixels per block of the grid, from which
         the world monomials are interpolated with a checked error (see
         "Algorithm" in the documentation).
     center_cs : {'image', 'world'}, optional
