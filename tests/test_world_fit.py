@@ -299,3 +299,21 @@ def test_series_polynomials_and_monomials_at_pixels(monkeypatch):
     for a, b in zip(acc._monomials_at(idx, eshape, (10, 30), None, fit),
                     acc._monomials_at(idx, eshape, (10, 30), u)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-11 * max(1.0, np.abs(b).max()))
+
+
+def test_fits_are_kept_between_robust_passes(monkeypatch):
+    """A robust match fits each block's series once, however many passes it makes
+    (the frame keeps them), with the same result as fitting them every pass."""
+    data = _junk_field(seed=11)
+    kw = dict(degree=1, image2world=tan_like, robust="huber", threads=1)  # 2 passes or more
+    count = _Count(monkeypatch)
+    monkeypatch.setattr(acc_mod, "FIT_CACHE_BLOCKS", 0)
+    again = match_backgrounds(*data, **kw)
+    per_pass = count.fitted + count.pixels
+    count.fitted = count.pixels = 0
+    monkeypatch.setattr(acc_mod, "FIT_CACHE_BLOCKS", 1024)
+    kept = match_backgrounds(*data, **kw)
+    assert again.robust["passes"] >= 2
+    assert count.fitted > 0 and count.fitted + count.pixels < per_pass
+    np.testing.assert_array_equal(kept.coef, again.coef)
+    np.testing.assert_array_equal(kept.pair_rejected, again.pair_rejected)

@@ -419,6 +419,9 @@ WORLD_FIT_EXTRA = 6
 WORLD_FIT_MIN_GAIN = 8
 # Blocks whose fits are made ahead at a time when threads run the blocks.
 FITS_AHEAD = 64
+# Grids of at most this many blocks keep their blocks' fits (about 20 KB each
+# at degree 2) between the passes of a robust match.
+FIT_CACHE_BLOCKS = 1024
 
 
 class _WorldFit(NamedTuple):
@@ -560,6 +563,8 @@ class _Accumulator:
         self._hits = None
         #: world frames: the blocks' fits made ahead (see :meth:`prepare_fits`), by box
         self._fits = {}
+        #: world frames: keep the fits in the frame for the next pass
+        self.cache_fits = False
         #: per image: its mask is all true over its valid box (not read by blocks)
         self.mask_full = [False] * len(prob.images) if mask_full is None else mask_full
         self.prob = prob
@@ -1153,8 +1158,19 @@ class _Accumulator:
         for b in blocks:
             boxes, ebox = self._block_boxes(tuple((s.start, s.stop) for s in b))
             if len(boxes) > 1 and ebox not in fits:
-                fits[ebox] = self._world_fit(ebox)
+                fits[ebox] = self._fit_for(ebox)
         self._fits = fits
+
+    def _fit_for(self, ebox):
+        """:meth:`_world_fit` of a box, kept in the frame's cache when the grid
+        has few enough blocks (see :data:`FIT_CACHE_BLOCKS`)."""
+        if not self.cache_fits:
+            return self._world_fit(ebox)
+        key = (self.deg, ebox)
+        fit = self.frame.fits.get(key, False)
+        if fit is False:
+            fit = self.frame.fits[key] = self._world_fit(ebox)
+        return fit
 
     def block(self, bslices):
         n = self.n
@@ -1211,7 +1227,7 @@ class _Accumulator:
         # series of the world monomials when they fit
         fit = None
         if WORLD_FIT and not self.frame.separable:
-            fit = self._fits[ebox] if ebox in self._fits else self._world_fit(ebox)
+            fit = self._fits[ebox] if ebox in self._fits else self._fit_for(ebox)
         sep = self.frame.separable or fit is not None
         if not sep:
             u = [a.ravel() for a in self.frame.block_u(_slices(ebox))]
@@ -1484,6 +1500,7 @@ def _accumulate(prob, frame, pool, client=None, robust=None):
     per_axis = [axis_cuts(n_ax, b, [e for box in bboxes if box is not None for e in box[k]])
                 for k, (n_ax, b) in enumerate(zip(prob.shape, bshape))]
     blocks = [tuple(slice(a, b) for a, b in pcs) for pcs in itertools.product(*per_axis)]
+    acc.cache_fits = len(blocks) <= FIT_CACHE_BLOCKS
 
     acc_sums = _Sums(n, int(np.prod(acc.mshape)), int(np.prod(acc.dshape)))
     # The products here are small: a multi-threaded BLAS only adds overhead

@@ -85,6 +85,10 @@ class Frame:
         self.shift = tuple(shift)
         self.scale = tuple(scale)
         self.samples = samples
+        #: world frames: the accumulation's series of the world monomials of
+        #: its blocks, by ``(degree, block box)`` (kept between the passes of
+        #: a robust match)
+        self.fits = {}
 
     def sample_coords(self):
         """Coordinates ``X`` of a sparse sample of the grid's pixels, corners included.
