@@ -8,6 +8,7 @@ from jwst_wiimatch.core import match_backgrounds, polyval_nd
 from jwst_wiimatch.core.poly import (coef_from_scaled, coef_to_scaled, exponents,
                                      moments_to_basis, term_name)
 from jwst_wiimatch.core.solve import MatchWarning
+from tracing import capture_accumulators
 
 
 def test_exponents_order_is_c_order_over_xyz():
@@ -261,23 +262,15 @@ def test_fill_image_agrees_with_the_careful_path(with_mask, case):
 def test_image_polys_against_monomials(monkeypatch, shape, degree):
     """The robust passes' polynomial of each image over a box equals the sum of
     its coefficients times the monomials of the scaled coordinates."""
-    import jwst_wiimatch.core.accumulate as A
     from jwst_wiimatch.core.poly import monomials
     from jwst_wiimatch.core.robust import _to_u
 
-    seen = {}
-    init = A._Accumulator.__init__
-
-    def recording(self, *a, **k):
-        init(self, *a, **k)
-        seen.setdefault("acc", self)
-
-    monkeypatch.setattr(A._Accumulator, "__init__", recording)
+    made = capture_accumulators(monkeypatch)
     rng = np.random.default_rng(len(shape) + sum(degree))
     ims = [rng.normal(size=shape) + k for k in range(3)]
     match_backgrounds(ims, degree=degree[0] if len(set(degree)) == 1 else degree,
                       robust="clip", threads=1)
-    acc = seen["acc"]
+    acc = made[0]
     acc.rob.coef_u = rng.normal(size=acc.rob.coef_u.shape)  # each term its own value
     ebox = tuple((2, n - 3) for n in shape)
     labels = [2, 0]

@@ -13,6 +13,7 @@ import pytest
 from jwst_wiimatch.core import accumulate as acc_mod
 from jwst_wiimatch.core import match_backgrounds, polyval_nd
 from jwst_wiimatch.core.engine import build_moments
+from tracing import capture_accumulators
 
 
 def _problem(seed=0, n=5, shape=(300, 340)):
@@ -145,17 +146,10 @@ def test_fit_declines_a_block_with_a_kink_and_takes_a_smooth_one(monkeypatch):
     def kinked(x, y):
         return x + 0.3 * np.abs(x - 200.5), y
 
-    seen = {}
-    init = acc_mod._Accumulator.__init__
-
-    def recording(self, *a, **k):
-        init(self, *a, **k)
-        seen["acc"] = self
-
-    monkeypatch.setattr(acc_mod._Accumulator, "__init__", recording)
+    made = capture_accumulators(monkeypatch)
     ims, masks, sigs = _problem(n=3)
     match_backgrounds(ims, masks, sigs, degree=1, image2world=kinked, threads=1)
-    acc = seen["acc"]
+    acc = made[0]
     assert acc._world_fit(((0, 200), (100, 300))) is None  # x from 100 to 299
     fit = acc._world_fit(((0, 200), (0, 190)))
     assert fit is not None
@@ -272,18 +266,11 @@ def test_robust_passes_with_series_match_per_pixel_passes(monkeypatch, method, n
 def test_series_polynomials_and_monomials_at_pixels(monkeypatch):
     """Directly: a robust pass's polynomials over a block, and the monomials at
     some of its pixels, from the series equal those from the world coordinates."""
-    seen = {}
-    init = acc_mod._Accumulator.__init__
-
-    def recording(self, *a, **k):
-        init(self, *a, **k)
-        seen.setdefault("acc", self)
-
-    monkeypatch.setattr(acc_mod._Accumulator, "__init__", recording)
+    made = capture_accumulators(monkeypatch)
     ims, masks, sigs = _junk_field(n=3)
     match_backgrounds(ims, masks, sigs, degree=2, image2world=tan_like, robust="clip",
                       threads=1)
-    acc = seen["acc"]
+    acc = made[0]
     rng = np.random.default_rng(0)
     acc.rob.coef_u = rng.normal(size=acc.rob.coef_u.shape)
     ebox = ((10, 210), (30, 250))

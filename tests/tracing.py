@@ -1,4 +1,5 @@
-"""Peak Python memory of a call, for the tests that bound it."""
+"""What a call does inside: its peak Python memory (for the tests that bound it),
+and the engine's accumulators (for the tests that probe their methods)."""
 import gc
 import tracemalloc
 
@@ -13,3 +14,19 @@ def traced_peak(function):
         return result, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def capture_accumulators(monkeypatch):
+    """A list that receives every ``_Accumulator`` the engine makes from now on
+    (in the order made), so that a test can call its methods after a match."""
+    from jwst_wiimatch.core import accumulate
+
+    made = []
+    init = accumulate._Accumulator.__init__
+
+    def recording(self, *a, **k):
+        init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(accumulate._Accumulator, "__init__", recording)
+    return made
