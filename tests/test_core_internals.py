@@ -279,3 +279,37 @@ def test_image_polys_against_monomials(monkeypatch, shape, degree):
     pix = [p + lo for p, (lo, _) in zip(pix, ebox)]
     want = acc.rob.coef_u[labels] @ monomials(_to_u(acc.frame, pix), acc.deg)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("n,degree", [(5, (1, 1)), (40, (1, 1)), (10, (2, 1)),
+                                      (6, (1, 2, 1)), (7, (0,))])
+def test_assemble_is_the_sum_of_the_pairs_blocks(n, degree):
+    """The normal equations from pair moments equal the sum, pair by pair in the
+    moments' order, of each pair's four blocks (``+G`` on the diagonal, ``-G``
+    off it) and two right-hand sides (``+t``, ``-t``): bit for bit."""
+    from jwst_wiimatch.core.solve import assemble, gram_index
+
+    rng = np.random.default_rng(n)
+    mshape = tuple(2 * d + 1 for d in degree)
+    dshape = tuple(d + 1 for d in degree)
+    pairs = [(l, m) for l in range(n) for m in range(l + 1, n) if rng.random() < 0.6]
+    rng.shuffle(pairs)  # not in (l, m) order: the order of the sums is the moments'
+    S = {k: rng.normal(size=mshape) for k in pairs}
+    T = {k: rng.normal(size=dshape) for k in pairs}
+    idx = gram_index(degree)
+    M = int(np.prod(dshape))
+    a_ref, b_ref = np.zeros((n * M, n * M)), np.zeros(n * M)
+    for (l, m) in pairs:
+        g, t = S[(l, m)][idx], T[(l, m)].ravel()
+        sl, sm = slice(l * M, (l + 1) * M), slice(m * M, (m + 1) * M)
+        a_ref[sl, sm] -= g
+        a_ref[sm, sl] -= g
+        a_ref[sl, sl] += g
+        a_ref[sm, sm] += g
+        b_ref[sl] += t
+        b_ref[sm] -= t
+    a, b = assemble(n, degree, S, T)
+    np.testing.assert_array_equal(a, a_ref)
+    np.testing.assert_array_equal(b, b_ref)
+    a0, b0 = assemble(n, degree, {}, {})
+    assert not a0.any() and not b0.any() and a0.shape == (n * M, n * M)

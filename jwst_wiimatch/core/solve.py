@@ -101,17 +101,21 @@ def assemble(nimages, degree, S, T):
     nterms = idx[0].shape[0]
     a = np.zeros((nimages * nterms, nimages * nterms))
     b = np.zeros(nimages * nterms)
-    for (l, m), s in S.items():
-        g = s[idx]
-        t = np.ravel(T[(l, m)])
-        il = slice(l * nterms, (l + 1) * nterms)
-        im = slice(m * nterms, (m + 1) * nterms)
-        a[il, im] -= g
-        a[im, il] -= g
-        a[il, il] += g
-        a[im, im] += g
-        b[il] += t
-        b[im] -= t
+    if not S:
+        return a, b
+    keys = list(S)
+    lm = np.array(keys, dtype=np.intp).reshape(-1, 2)
+    G = np.stack([S[k] for k in keys])[(slice(None),) + idx]  # (pairs, M, M), symmetric
+    t = np.stack([np.ravel(T[k]) for k in keys])  # (pairs, M)
+    a4 = a.reshape(nimages, nterms, nimages, nterms)
+    # off the diagonal each block holds one pair (l < m)
+    a4[lm[:, 0], :, lm[:, 1], :] = -G
+    a4[lm[:, 1], :, lm[:, 0], :] = -G
+    # on it, every pair adds to both its images' blocks; interleaved
+    # (l0, m0, l1, m1, ...), the additions come in the pairs' order
+    both = lm.ravel()
+    np.add.at(a4, (both, slice(None), both, slice(None)), np.repeat(G, 2, axis=0))
+    np.add.at(b.reshape(nimages, nterms), both, np.stack([t, -t], axis=1).reshape(-1, nterms))
     return a, b
 
 
