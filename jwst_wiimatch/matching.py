@@ -789,8 +789,7 @@ def _sky_cells(model, name, ref, step):
         xi, eta = lattice.box(slice(0, shape[0]), slice(0, shape[1]))
     else:  # pixels far from the reference point: the WCS at every pixel
         pix = np.indices(shape, dtype=np.float64)[::-1]
-        xi, eta = (np.array(c, dtype=np.float64).reshape(shape)
-                   for c in func(pix[0].ravel(), pix[1].ravel()))
+        xi, eta = (np.asarray(c).reshape(shape) for c in func(pix[0].ravel(), pix[1].ravel()))
     # floor(xi / step + 0.5), in place (xi and eta are this function's own
     # arrays): no full-detector temporaries
     xi, eta = (a if a.dtype == np.float64 and a.flags.writeable else

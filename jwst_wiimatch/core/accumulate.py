@@ -470,6 +470,27 @@ def _along_axes(mats, arr):
     return arr
 
 
+def _tensor_values(C, tables):
+    """Values over a box of ``k`` tensor-product polynomials: ``C`` ``(k, K_x, K_y,
+    ...)`` their coefficients, ``tables[j]`` ``(pixels along axis j, K_j)`` the
+    basis along each axis, both in ``(x, y, ...)`` order. Returns ``(k, pixels)``,
+    the box's pixels in numpy (C) order."""
+    k, nd = C.shape[0], C.ndim - 1
+    if nd == 2:  # B_y C^T B_x^T per polynomial: two matrix products, no transposed copy
+        return np.matmul(np.matmul(tables[1], C.transpose(0, 2, 1)), tables[0].T).reshape(k, -1)
+    vals = _along_axes(list(tables), C)  # axes (k, x, y, ...)
+    return np.ascontiguousarray(vals.transpose((0,) + tuple(range(nd, 0, -1)))).reshape(k, -1)
+
+
+def _outer_rows(pows, sizes):
+    """Row-wise tensor products of per-axis values: ``pows[j]`` ``(n, >= sizes[j])``,
+    ``(x, y, ...)`` order; returns ``(n, prod(sizes))``, C order over ``sizes``."""
+    phi = pows[0][:, :sizes[0]]
+    for p, sz in zip(pows[1:], sizes[1:]):
+        phi = (phi[:, :, None] * p[:, None, :sz]).reshape(phi.shape[0], -1)
+    return phi
+
+
 class _FitAxis(NamedTuple):
     """One axis of a block for :meth:`_Accumulator._world_fit` (pixel indices)."""
 
@@ -780,25 +801,12 @@ class _Accumulator:
             # each polynomial as a series of the block's Chebyshev polynomials
             P = np.dot(coef[:, self.dmono_order], fit.CT).reshape(
                 (k,) + tuple(b.shape[1] for b in fit.bases_T))
-            if nd == 2:  # B_y P^T B_x^T per image: two matrix products
-                bx, by = fit.bases_T
-                return np.matmul(np.matmul(by, P.transpose(0, 2, 1)), bx.T).reshape(k, -1)
-            vals = _along_axes(list(fit.bases_T), P)  # axes (k, x, y, ...)
-            return np.ascontiguousarray(
-                vals.transpose((0,) + tuple(range(nd, 0, -1)))).reshape(k, -1)
+            return _tensor_values(P, fit.bases_T)
         if self.frame.separable:
             sl = _slices(ebox)
-            if nd == 2:  # P_y C^T P_x^T per image: two matrix products, no transposed copy
-                px = self.axis_powers[0][sl[1]][:, :self.deg[0] + 1]
-                py = self.axis_powers[1][sl[0]][:, :self.deg[1] + 1]
-                ct = coef.reshape((k,) + self.dshape).transpose(0, 2, 1)
-                return np.matmul(np.matmul(py, ct), px.T).reshape(k, -1)
-            arr = coef.reshape((k,) + self.dshape)
-            for j in range(nd):
-                p = self.axis_powers[j][sl[nd - 1 - j]][:, :self.deg[j] + 1]
-                arr = np.tensordot(arr, p, axes=([1], [1]))
-            return np.ascontiguousarray(
-                arr.transpose((0,) + tuple(range(nd, 0, -1)))).reshape(k, -1)
+            return _tensor_values(
+                coef.reshape((k,) + self.dshape),
+                [self.axis_powers[j][sl[nd - 1 - j]][:, :self.deg[j] + 1] for j in range(nd)])
         npix = u[0].size
         pows = [_powers(a if ok is None else np.where(ok, a, 0.0), d)
                 for a, d in zip(u, self.deg)]
@@ -817,10 +825,8 @@ class _Accumulator:
             coords = np.unravel_index(idx, eshape)
 
             def series(bases, C, order, size):
-                vals = bases[0][coords[nd - 1]]
-                for j in range(1, nd):
-                    vals = (vals[:, :, None] * bases[j][coords[nd - 1 - j]][:, None, :]
-                            ).reshape(idx.size, -1)
+                vals = _outer_rows([b[coords[nd - 1 - j]] for j, b in enumerate(bases)],
+                                   [b.shape[1] for b in bases])
                 out = np.empty((idx.size, size))
                 out[:, order] = np.dot(vals, C.T)
                 return out
@@ -833,14 +839,7 @@ class _Accumulator:
                     for j in range(nd)]
         else:
             pows = [_powers(a[idx], md).T for a, md in zip(u, self.mdeg)]
-
-        def outer(sizes):
-            phi = pows[0][:, :sizes[0]]
-            for p, sz in zip(pows[1:], sizes[1:]):
-                phi = (phi[:, :, None] * p[:, None, :sz]).reshape(idx.size, -1)
-            return phi
-
-        return outer(self.mshape), outer(self.dshape)
+        return _outer_rows(pows, self.mshape), _outer_rows(pows, self.dshape)
 
     def _robust_chunk(self, W, resid, runs, t2, cw, seeds, g0, p0, p1):
         """Robust pass, one chunk (pairs ``g0 ...``, pixels ``p0:p1``): collect the
